@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# Build the configured kernel (O= in the cache), incrementally. Only one
+# kernel build runs at a time on this machine: the build holds
+# $CACHE/build.lock. Progress: a line every PROGRESS_SECS (default 60) with
+# the elapsed time and the last step make printed; the full log is kept in
+# <build dir>/build.log.
+#
+# Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [KDIR=..] [JOBS=n] scripts/build.sh
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+tree=$(tree_dir)
+obj=$(build_dir)
+[ -f "$obj/.config" ] || die "$obj is not configured: run scripts/configure.sh"
+mapfile -t mk < <(kmake_vars)
+jobs=${JOBS:-$(nproc)}
+log=$obj/build.log
+every=${PROGRESS_SECS:-60}
+
+exec 9>"$CACHE/build.lock"
+if ! flock -n 9; then
+	info "waiting for another kernel build to finish ($CACHE/build.lock)"
+	flock 9
+fi
+
+make -s -C "$tree" O="$obj" "${mk[@]}" rustavailable >/dev/null 2>&1 ||
+	die "make rustavailable says no: $(make -C "$tree" O="$obj" "${mk[@]}" rustavailable 2>&1 | tail -3)"
+
+info "building $(kernel_version "$tree") ($ARCH, $(flavour)${SANITIZE:+, $SANITIZE}) in $obj, log: $log"
+start=$(date +%s)
+make -C "$tree" O="$obj" "${mk[@]}" -j"$jobs" all >"$log" 2>&1 &
+pid=$!
+while kill -0 "$pid" 2>/dev/null; do
+	for _ in $(seq "$every"); do
+		sleep 1
+		kill -0 "$pid" 2>/dev/null || break
+	done
+	kill -0 "$pid" 2>/dev/null || break
+	step=$(grep -E '^  [A-Z]' "$log" | tail -1 | sed 's/^ *//' || true)
+	printf '    [%4ds] %s\n' $(($(date +%s) - start)) "${step:-starting}"
+done
+rc=0
+wait "$pid" || rc=$?
+took=$(($(date +%s) - start))
+if [ "$rc" != 0 ]; then
+	grep -E 'error|Error|ERROR' "$log" | head -40 >&2 || true
+	die "kernel build failed after ${took}s (exit $rc); full log: $log"
+fi
+[ -f "$obj/$KIMAGE" ] || die "build finished but $obj/$KIMAGE is missing"
+echo "$took" >"$obj/.lsdefer-last-build-secs"
+info "kernel built in ${took}s: $obj/$KIMAGE"

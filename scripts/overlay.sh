@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# Put the repo's overlay into the harness-owned tree, repeatably:
+#   rust/kernel/**     -> rust/kernel/**       (new Rust abstractions)
+#   rust/helpers/**    -> rust/helpers/**      (C helpers for static inlines)
+#   rust/bpf/**        -> kernel/bpf/**        (the deferral engine)
+#   selftests/bpf/**   -> tools/testing/selftests/bpf/**
+#   patches/*.patch    -> applied in order (patch -p1) to pristine copies
+# Only files whose content changes are rewritten, so make rebuilds only what
+# an edit touches. A file that leaves the overlay is restored from the
+# pristine source (or deleted if the overlay created it).
+# With BASELINE=1 the overlay is empty: the tree is the stock kernel.
+#
+# Usage: [KDIR=/path] [BASELINE=1] scripts/overlay.sh
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+src=$(pristine_dir)
+dst=$(tree_dir)
+[ -f "$dst/Makefile" ] || die "no harness tree at $dst: run scripts/tree.sh first"
+
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+
+# map_dir REPO_SUBDIR TREE_SUBDIR
+map_dir() {
+	[ -d "$REPO/$1" ] || return 0
+	mkdir -p "$stage/$2"
+	(cd "$REPO/$1" && find . -type f ! -name '*~' ! -name '.*.swp' -print0) |
+		while IFS= read -r -d '' f; do
+			mkdir -p "$(dirname "$stage/$2/$f")"
+			cp "$REPO/$1/$f" "$stage/$2/$f"
+		done
+}
+
+if [ "$BASELINE" != 1 ]; then
+	map_dir rust/kernel rust/kernel
+	map_dir rust/helpers rust/helpers
+	map_dir rust/bpf kernel/bpf
+	map_dir selftests/bpf tools/testing/selftests/bpf
+	shopt -s nullglob
+	for p in "$REPO"/patches/*.patch; do
+		# Targets of this patch: start from the pristine file unless an
+		# earlier step already staged it.
+		sed -n 's|^+++ b/\([^[:space:]]*\).*|\1|p' "$p" | while read -r f; do
+			if [ ! -e "$stage/$f" ] && [ -f "$src/$f" ]; then
+				mkdir -p "$(dirname "$stage/$f")"
+				cp "$src/$f" "$stage/$f"
+			fi
+		done
+		patch -p1 -s -f --no-backup-if-mismatch -d "$stage" <"$p" >"$stage/.patch.log" 2>&1 ||
+			die "patch $(basename "$p") does not apply to $src: $(cat "$stage/.patch.log")"
+		rm -f "$stage/.patch.log"
+	done
+	shopt -u nullglob
+fi
+
+new=$(mktemp)
+trap 'rm -rf "$stage" "$new"' EXIT
+(cd "$stage" && find . -type f | sed 's|^\./||' | LC_ALL=C sort) >"$new"
+
+changed=0
+while read -r f; do
+	if ! cmp -s "$stage/$f" "$dst/$f"; then
+		mkdir -p "$(dirname "$dst/$f")"
+		cp "$stage/$f" "$dst/$f.lsdefer-tmp"
+		mv "$dst/$f.lsdefer-tmp" "$dst/$f"
+		echo "  updated $f"
+		changed=$((changed + 1))
+	fi
+done <"$new"
+
+if [ -f "$dst/.lsdefer-overlay" ]; then
+	LC_ALL=C comm -23 "$dst/.lsdefer-overlay" "$new" | while read -r f; do
+		if [ -f "$src/$f" ]; then
+			cp "$src/$f" "$dst/$f" # fresh mtime: make sees the change
+			echo "  restored $f"
+		else
+			rm -f "$dst/$f"
+			echo "  removed $f"
+		fi
+	done
+fi
+cp "$new" "$dst/.lsdefer-overlay"
+info "overlay: $(wc -l <"$new") files managed, $changed rewritten ($(flavour))"

@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# Install everything the harness needs, idempotently, from the package
+# registries only:
+#   - Debian bookworm packages (compilers, kernel build deps, udev, ...)
+#   - qemu-system-x86/arm from bookworm-backports
+#   - Debian's rust-src of exactly the version of the machine's rustc
+#     (trixie-backports, fetched with apt-get download, unpacked with dpkg -x)
+#   - bindgen-cli from crates.io, virtme-ng from PyPI, at pinned versions
+#
+# The backports suites are added with a low pin priority, so nothing is ever
+# upgraded from them implicitly. trixie/sid main suites are never added.
+#
+# Usage: scripts/setup.sh        (root, or sudo available)
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+SUDO=
+if [ "$(id -u)" != 0 ]; then
+	command -v sudo >/dev/null || die "run as root or install sudo"
+	SUDO=sudo
+fi
+
+APT_SOURCES=/etc/apt/sources.list.d/lsdefer-backports.sources
+APT_PREFS=/etc/apt/preferences.d/lsdefer-backports
+
+HOST_PKGS=(
+	bc bison busybox-static cpio dwarves flex gcc git kmod libcap-dev
+	libc6-dev libelf-dev libssl-dev libzstd-dev make pahole python3-venv
+	rsync shellcheck udev zlib1g-dev zstd
+	"clang-$LLVM_VER" "llvm-$LLVM_VER" "lld-$LLVM_VER" "libclang-$LLVM_VER-dev"
+	gcc-aarch64-linux-gnu libc6-dev-arm64-cross
+)
+BPO_PKGS=(qemu-system-x86 qemu-system-arm)
+
+have_pkgs() {
+	local p
+	for p in "$@"; do
+		dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || return 1
+	done
+}
+
+setup_apt() {
+	if [ ! -f "$APT_SOURCES" ]; then
+		info "adding bookworm-backports and trixie-backports (low priority)"
+		$SUDO tee "$APT_SOURCES" >/dev/null <<-EOF
+			Types: deb
+			URIs: http://deb.debian.org/debian
+			Suites: bookworm-backports trixie-backports
+			Components: main
+			Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+		EOF
+		$SUDO rm -f /var/lib/apt/lists/lock
+		APT_UPDATED=0
+	fi
+	# trixie-backports: only for apt-get download of pinned, arch-all packages.
+	$SUDO tee "$APT_PREFS" >/dev/null <<-EOF
+		Package: *
+		Pin: release n=trixie-backports
+		Pin-Priority: 1
+
+		Package: *
+		Pin: release n=bookworm-backports
+		Pin-Priority: 100
+	EOF
+}
+
+APT_UPDATED=${APT_UPDATED:-0}
+apt_update_once() {
+	if [ "$APT_UPDATED" = 0 ]; then
+		info "apt-get update"
+		$SUDO apt-get update -qq || die "apt-get update failed"
+		APT_UPDATED=1
+	fi
+}
+
+install_pkgs() {
+	if ! have_pkgs "${HOST_PKGS[@]}"; then
+		apt_update_once
+		info "installing host packages"
+		$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends "${HOST_PKGS[@]}" ||
+			die "apt-get install of host packages failed: ${HOST_PKGS[*]}"
+	fi
+	if ! have_pkgs "${BPO_PKGS[@]}"; then
+		apt_update_once
+		info "installing QEMU from bookworm-backports"
+		$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends -t bookworm-backports "${BPO_PKGS[@]}" ||
+			die "apt-get install -t bookworm-backports ${BPO_PKGS[*]} failed"
+	fi
+}
+
+# fetch_deb NAME VERSION SHA256 DESTDIR: apt-get download + checksum + dpkg -x.
+fetch_deb() {
+	local name=$1 ver=$2 sum=$3 dest=$4 dl deb
+	[ -f "$dest/.done" ] && return 0
+	dl=$CACHE/dl
+	mkdir -p "$dl"
+	deb=$(echo "${name}_${ver}_all.deb" | sed 's/:/%3a/')
+	if [ ! -f "$dl/$deb" ]; then
+		apt_update_once
+		info "downloading $name=$ver"
+		(cd "$dl" && apt-get download -q "$name=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
+			die "apt-get download $name=$ver failed (is trixie-backports reachable?)"
+	fi
+	echo "$sum  $dl/$deb" | sha256sum -c --quiet - ||
+		die "checksum mismatch for $deb (want $sum)"
+	rm -rf "$dest"
+	mkdir -p "$dest"
+	dpkg -x "$dl/$deb" "$dest"
+	touch "$dest/.done"
+}
+
+setup_rust() {
+	local have
+	command -v rustc >/dev/null || die "rustc not found (the machine's rustup toolchain $RUSTC_WANT is required)"
+	have=$(rustc --version | awk '{print $2}')
+	[ "$have" = "$RUSTC_WANT" ] ||
+		die "rustc is $have but the pinned rust-src is $RUST_SRC_VER; install rustc $RUSTC_WANT or update RUSTC_WANT/RUST_SRC_VER in scripts/lib.sh"
+	fetch_deb rust-src "$RUST_SRC_VER" "$RUST_SRC_SHA256" "$TOOLS/rust-src-$RUST_SRC_VER"
+	[ -f "$RUST_LIB_SRC/core/src/lib.rs" ] ||
+		die "rust-src $RUST_SRC_VER unpacked but $RUST_LIB_SRC/core/src/lib.rs is missing"
+	for c in rustfmt clippy-driver; do
+		command -v "$c" >/dev/null || die "$c not found: rustup component add ${c%-driver}"
+	done
+	if [ "$(bindgen --version 2>/dev/null | awk '{print $2}')" != "$BINDGEN_VER" ]; then
+		info "cargo install bindgen-cli $BINDGEN_VER"
+		cargo install -q bindgen-cli --locked --version "$BINDGEN_VER" \
+			--root "$TOOLS/bindgen-$BINDGEN_VER" ||
+			die "cargo install bindgen-cli@$BINDGEN_VER failed"
+	fi
+}
+
+setup_vng() {
+	if [ "$("$VNG_VENV/bin/vng" --version 2>/dev/null | awk '{print $2}')" != "$VNG_VER" ]; then
+		info "pip install virtme-ng==$VNG_VER"
+		rm -rf "$VNG_VENV"
+		python3 -m venv "$VNG_VENV"
+		"$VNG_VENV/bin/pip" install -q "virtme-ng==$VNG_VER" ||
+			die "pip install virtme-ng==$VNG_VER failed"
+	fi
+}
+
+setup_kernel_source() {
+	[ -n "${KDIR:-}" ] && return 0
+	local dest=$CACHE/src/$LINUX_SRC_PKG-$LINUX_SRC_VER
+	if [ ! -f "$dest/.done" ]; then
+		fetch_deb "$LINUX_SRC_PKG" "$LINUX_SRC_VER" "$LINUX_SRC_SHA256" "$dest.deb"
+		info "unpacking $LINUX_SRC_PKG $LINUX_SRC_VER"
+		rm -rf "$dest"
+		mkdir -p "$dest"
+		tar -C "$dest" -xf "$dest.deb/usr/src/$LINUX_SRC_PKG.tar.xz"
+		rm -rf "$dest.deb"
+		touch "$dest/.done"
+	fi
+}
+
+setup_apt
+install_pkgs
+setup_rust
+setup_vng
+setup_kernel_source
+info "setup complete: rustc $RUSTC_WANT, rust-src $RUST_SRC_VER, bindgen $BINDGEN_VER, virtme-ng $VNG_VER, $(qemu-system-x86_64 --version | head -1)"
