@@ -49,5 +49,16 @@ if [ "$rc" != 0 ]; then
 	die "kernel build failed after ${took}s (exit $rc); full log: $log"
 fi
 [ -f "$obj/$KIMAGE" ] || die "build finished but $obj/$KIMAGE is missing"
+
+# Compiler and clippy warnings in our overlay's files fail the build. (Only
+# the files this build recompiled can show up here.)
+if [ -f "$tree/.lsdefer-overlay" ]; then
+	warn=$(grep -n -E -A3 '^(warning|error)(\[|:)|: warning:' "$log" |
+		grep -F -f <(grep -E '\.(rs|c|h)$' "$tree/.lsdefer-overlay") || true)
+	if [ -n "$warn" ]; then
+		echo "$warn" >&2
+		die "the build warned about our files (above); full log: $log"
+	fi
+fi
 echo "$took" >"$obj/.lsdefer-last-build-secs"
 info "kernel built in ${took}s: $obj/$KIMAGE"

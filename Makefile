@@ -1,0 +1,66 @@
+# SPDX-License-Identifier: GPL-2.0
+#
+# Entry points (see README.md):
+#   make test      everything CI checks: lint, then vmtest on x86_64
+#   make vmtest    set up, overlay, configure, build, boot, run KUnit, report
+#
+# Steps, each usable alone: setup tree config build vm report lint
+# Variables: ARCH=x86_64|arm64  KDIR=/path/to/linux  BASELINE=1
+#            SANITIZE=kasan  ACCEL=kvm|tcg  VM_TIMEOUT=secs  JOBS=n
+#            LSDEFER_CACHE=dir (default ~/.cache/lsdefer)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+export ARCH KDIR BASELINE SANITIZE ACCEL VM_TIMEOUT JOBS LSDEFER_CACHE TESTS
+
+S := scripts
+LIB := source $(S)/lib.sh
+
+.PHONY: help setup tree config build vm report vmtest lint test clean
+
+help:
+	@sed -n '3,11p' Makefile | sed 's/^# \{0,1\}//'
+
+setup:
+	@$(S)/setup.sh
+
+tree:
+	@$(S)/tree.sh
+	@$(S)/overlay.sh
+
+config: tree
+	@$(S)/configure.sh
+
+build: config
+	@$(S)/build.sh
+
+vm:
+	@$(S)/run-vm.sh
+
+# Suites that must show up in the guest's KTAP.
+report:
+	@$(LIB); expect=(); \
+	while read -r s; do [ -n "$$s" ] && expect+=(--expect "$$s"); done \
+		< <(grep -v '^#' selftests/kunit/suites.common; \
+		    [ "$$BASELINE" = 1 ] || grep -sv '^#' selftests/kunit/suites.lsdefer || true); \
+	python3 $(S)/report.py --tree "$$(tree_dir)" --out "$$(out_dir)" \
+		--label "$$ARCH $$(flavour)$${SANITIZE:+ $$SANITIZE}" "$${expect[@]}"
+
+vmtest: setup
+	@start=$$(date +%s); \
+	$(MAKE) -s --no-print-directory build; \
+	vmrc=0; $(MAKE) -s --no-print-directory vm || vmrc=$$?; \
+	$(MAKE) -s --no-print-directory report || vmrc=1; \
+	echo "==> vmtest took $$(( $$(date +%s) - start ))s"; \
+	exit $$vmrc
+
+lint:
+	@$(S)/lint.sh
+
+test: lint
+	@$(MAKE) -s --no-print-directory vmtest ARCH=x86_64
+
+clean:
+	rm -rf out

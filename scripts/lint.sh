@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# The repo's own lint: shellcheck on the scripts, rustfmt (the kernel's
+# .rustfmt.toml) on our Rust, checkpatch.pl --strict on the patches and on our
+# C files, and a syntax check of the Python. Clippy runs during the kernel
+# build (CLIPPY=1, see scripts/build.sh). Needs the pristine tree (make setup).
+#
+# Usage: scripts/lint.sh
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+src=$(pristine_dir)
+[ -x "$src/scripts/checkpatch.pl" ] || die "no checkpatch.pl in $src: run 'make setup'"
+fail=0
+check() {
+	local what=$1
+	shift
+	if "$@"; then
+		echo "  ok    $what"
+	else
+		echo "  FAIL  $what"
+		fail=$((fail + 1))
+	fi
+}
+
+cd "$REPO"
+mapfile -t sh < <(find scripts .ci -type f \( -name '*.sh' -o -name run \))
+check "shellcheck (${#sh[@]} scripts)" shellcheck -x "${sh[@]}"
+
+mapfile -t rs < <(find rust selftests -name '*.rs' 2>/dev/null)
+if [ "${#rs[@]}" -gt 0 ]; then
+	check "rustfmt --check (${#rs[@]} files)" \
+		rustfmt --check --edition 2021 --config-path "$src/.rustfmt.toml" "${rs[@]}"
+fi
+
+cp_opts=(--strict --quiet --no-summary --show-types)
+mapfile -t pt < <(find patches -name '*.patch' 2>/dev/null | sort)
+for p in "${pt[@]}"; do
+	check "checkpatch $p" "$src/scripts/checkpatch.pl" "${cp_opts[@]}" "$p"
+done
+mapfile -t cf < <(find rust selftests -name '*.[ch]' 2>/dev/null | sort)
+for f in "${cf[@]}"; do
+	check "checkpatch -f $f" "$src/scripts/checkpatch.pl" "${cp_opts[@]}" --no-tree -f "$f"
+done
+
+check "python syntax" python3 -m py_compile scripts/report.py
+
+[ "$fail" = 0 ] || die "lint: $fail check(s) failed"
+info "lint clean"

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: GPL-2.0
+"""Turn one guest run's output directory into a per-test summary.
+
+Reads, from OUT:
+  dmesg.txt        the guest's kernel log (KUnit KTAP is parsed from it with
+                   the tree's own tools/testing/kunit/kunit.py parse)
+  test_progs.json  test_progs -J output, if the selftests ran
+  console.log      used for the splat scan when dmesg.txt is missing
+Writes OUT/kunit.json (kunit.py's JSON) and OUT/results.json (every test
+with its status, plus every splat), prints the summary and ends with the line
+"N passed, N failed, N skipped".
+
+Any BUG, WARNING, KASAN, lockdep, RCU stall, Oops or panic line in the kernel
+log is a failure, even when every test passed. Suites named with --expect
+must have run.
+
+Exit status: 0 when nothing failed, 1 otherwise.
+"""
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+SPLAT_PATTERNS = [
+    r"\bBUG: ",
+    r"\bWARNING: ",
+    r"KASAN: ",
+    r"UBSAN: ",
+    r"possible recursive locking detected",
+    r"possible circular locking dependency",
+    r"inconsistent lock state",
+    r"suspicious RCU usage",
+    r"rcu_(preempt|sched|tasks\w*) detected (expedited )?stalls?",
+    r"INFO: rcu\w* (self-)?detected stall",
+    r"INFO: task \S+ blocked for more than",
+    r"\bOops\b",
+    r"general protection fault",
+    r"Kernel panic",
+    r"kernel BUG at",
+    r"Unable to handle kernel",
+    r"soft lockup",
+    r"hard LOCKUP",
+    r"ODEBUG: ",
+    r"list_(add|del) corruption",
+]
+SPLAT_RE = re.compile("|".join(SPLAT_PATTERNS))
+
+
+def kunit_results(tree, dmesg, out):
+    """Parse KTAP from dmesg with kunit.py; return [(suite, test, status)]."""
+    kunit_py = os.path.join(tree, "tools/testing/kunit/kunit.py")
+    jpath = os.path.join(out, "kunit.json")
+    proc = subprocess.run(
+        [sys.executable, kunit_py, "parse", "--json", jpath, dmesg],
+        capture_output=True, text=True, check=False)
+    with open(os.path.join(out, "kunit-parse.txt"), "w", encoding="utf-8") as f:
+        f.write(proc.stdout + proc.stderr)
+    if not os.path.exists(jpath):
+        return [("kunit", "parse", "FAIL")]
+    with open(jpath, encoding="utf-8") as f:
+        root = json.load(f)
+
+    rows = []
+
+    def walk(group, prefix):
+        for case in group.get("test_cases", []):
+            rows.append((prefix, case["name"], case["status"]))
+        for sub in group.get("sub_groups", []):
+            name = sub["name"] if not prefix else prefix + "." + sub["name"]
+            walk(sub, name)
+
+    walk(root, "")
+    return rows
+
+
+def test_progs_results(path):
+    """test_progs -J: each subtest (or a test without subtests) is a row."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    rows = []
+    for test in data.get("results", []):
+        subs = test.get("subtests", [])
+        if not subs:
+            status = "FAIL" if test.get("failed") else (
+                "SKIP" if test.get("skipped") else "PASS")
+            rows.append(("test_progs", test["name"], status))
+        for sub in subs:
+            status = "FAIL" if sub.get("failed") else (
+                "SKIP" if sub.get("skipped") else "PASS")
+            rows.append(("test_progs", test["name"] + "/" + sub["name"], status))
+        if subs and test.get("failed") and not any(s.get("failed") for s in subs):
+            rows.append(("test_progs", test["name"], "FAIL"))
+    return rows
+
+
+def splats(path):
+    found = []
+    if not os.path.exists(path):
+        return found
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if SPLAT_RE.search(line):
+                found.append(line.rstrip())
+    return found
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tree", required=True, help="kernel tree (for kunit.py)")
+    ap.add_argument("--out", required=True, help="guest output directory")
+    ap.add_argument("--expect", action="append", default=[],
+                    help="a KUnit suite that must have run")
+    ap.add_argument("--label", default="", help="label for the summary")
+    args = ap.parse_args()
+
+    rows = []
+    dmesg = os.path.join(args.out, "dmesg.txt")
+    log = dmesg if os.path.exists(dmesg) else os.path.join(args.out, "console.log")
+    if os.path.exists(dmesg):
+        rows += kunit_results(args.tree, dmesg, args.out)
+    else:
+        rows.append(("guest", "kernel log saved", "FAIL"))
+    ran = {r[0].split(".")[0] for r in rows}
+    for suite in args.expect:
+        if suite not in ran:
+            rows.append((suite, "suite ran", "FAIL"))
+    tp = os.path.join(args.out, "test_progs.json")
+    if os.path.exists(tp):
+        rows += test_progs_results(tp)
+
+    found = splats(log)
+    for line in found:
+        rows.append(("dmesg", line, "FAIL"))
+    if not os.path.exists(os.path.join(args.out, "guest-done")):
+        rows.append(("guest", "finished its script", "FAIL"))
+
+    counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
+    width = max((len(r[0]) for r in rows), default=10)
+    print(f"== results {args.label}".rstrip())
+    suite = None
+    for s, name, status in rows:
+        status = status if status in counts else "FAIL"
+        counts[status] += 1
+        if s != suite:
+            suite = s
+        if status != "PASS" or s not in ("dmesg",):
+            print(f"  {status:4}  {s:{width}}  {name}")
+    with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
+        json.dump({"label": args.label,
+                   "results": [{"suite": s, "test": n, "status": st}
+                               for s, n, st in rows],
+                   "splats": found,
+                   "passed": counts["PASS"], "failed": counts["FAIL"],
+                   "skipped": counts["SKIP"]}, f, indent=2)
+    if found:
+        print(f"  {len(found)} splat line(s) in {log}: each counts as a failure")
+    print(f"{counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# Boot the built kernel with virtme-ng and run scripts/guest/run-tests.sh in
+# it. Built-in KUnit suites run during boot; the guest script saves the kernel
+# log (and later the selftests' results) into the output directory.
+#
+# Acceleration: KVM when a probe boot shows it works, TCG otherwise (said
+# aloud). ACCEL=kvm|tcg forces one. On the project's machines /dev/kvm exists
+# but guests hang in early boot, so expect TCG.
+#
+# Every boot is bounded by VM_TIMEOUT seconds (default 1200). A hung or
+# panicked guest fails; its console log is kept in <out>/console.log.
+#
+# Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [ACCEL=..] [VM_TIMEOUT=..]
+#        [TESTS=...] scripts/run-vm.sh
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+obj=$(build_dir)
+out=$(out_dir)
+image=$obj/$KIMAGE
+[ -f "$image" ] || die "no kernel image at $image: run 'make build' first"
+command -v vng >/dev/null || die "vng not found: run 'make setup'"
+[ "$ARCH" = x86_64 ] || die "booting ARCH=$ARCH guests is not supported yet (it needs an arm64 root filesystem for vng --root)"
+command -v udevadm >/dev/null || die "vng's script mode needs udev on the host: run 'make setup'"
+
+# probe_kvm: boot the kernel with KVM and no root fs. A working KVM reaches
+# the "VFS: Unable to mount root fs" panic in seconds; -no-reboot ends QEMU.
+probe_kvm() {
+	[ -w /dev/kvm ] || return 1
+	timeout -k 5 25 qemu-system-x86_64 -accel kvm -m 256 -smp 1 -nographic \
+		-no-reboot -kernel "$image" -append "console=ttyS0 panic=-1" </dev/null 2>&1 |
+		grep -q -m1 'Kernel panic\|VFS: Unable to mount root'
+}
+
+accel=${ACCEL:-}
+if [ -z "$accel" ]; then
+	if probe_kvm; then accel=kvm; else accel=tcg; fi
+fi
+case "$accel" in
+kvm) info "accelerator: KVM (probe boot succeeded)" ;;
+tcg) info "accelerator: TCG software emulation (KVM ${ACCEL:+not requested}${ACCEL:-probe boot hung or /dev/kvm unusable}); expect a slow guest" ;;
+*) die "ACCEL=$accel: use kvm or tcg" ;;
+esac
+
+rm -rf "$out"
+mkdir -p "$out"
+vngargs=(--run "$image" --cpus "${VM_CPUS:-2}" --memory "${VM_MEM:-2G}"
+	--rwdir "$out" --cwd "$REPO"
+	--append "log_buf_len=16M loglevel=4")
+[ "$accel" = tcg ] && vngargs+=(--disable-kvm)
+
+info "booting $image (timeout ${VM_TIMEOUT:-1200}s); console: $out/console.log"
+start=$(date +%s)
+rc=0
+# vng must not write straight into a file (QEMU reopens fd 1/2): pipe it.
+timeout -k 10 "${VM_TIMEOUT:-1200}" vng "${vngargs[@]}" \
+	--exec "$REPO/scripts/guest/run-tests.sh $out ${TESTS:-}" </dev/null 2>&1 |
+	tee "$out/console.log" | sed -u 's/^/    | /' | grep --line-buffered -E '^    \| (==>|#|ok|not ok|error)' || true
+rc=${PIPESTATUS[0]}
+took=$(($(date +%s) - start))
+echo "$took" >"$out/boot-secs"
+echo "$accel" >"$out/accel"
+if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+	die "guest timed out after ${took}s (console log: $out/console.log)"
+fi
+if [ ! -f "$out/guest-done" ]; then
+	die "guest did not finish its script (exit $rc after ${took}s; panic or crash?): see $out/console.log"
+fi
+info "guest finished in ${took}s"
