@@ -1,0 +1,857 @@
+// SPDX-License-Identifier: GPL-2.0
+
+//! NMI-safe deferred freeing of BPF local storage.
+//!
+//! An element unlinked by `bpf_selem_unlink()`, an element replaced by
+//! `bpf_local_storage_update()` and a storage freed with its last element may still be read by
+//! programs, sleepable ones included, and by syscalls. They may be freed only after a full Tasks
+//! Trace RCU grace period that started after the unlink. The C code used to call
+//! `call_rcu_tasks_trace()` once per object from the program's own context; that is `call_srcu()`,
+//! which is not allowed in NMI, so deleting from an NMI program was refused.
+//!
+//! This engine takes the objects from any context, NMI included, and frees them in batches:
+//!
+//! - **Producer** ([`Engine::queue`], any context): one `llist_add()` on the current CPU's
+//!   `pending` list and, only if that list was empty, one `irq_work_queue()` of the CPU's hard
+//!   irq_work. No lock, no allocation, no `call_rcu*()`.
+//! - **irq_work handler** (hard interrupt, on the CPU that queued it): takes the CPU's *token*,
+//!   the right to own its one `rcu_head` and in-flight `batch`. If no grace period is in flight
+//!   it takes all of `pending` as the batch and starts *one* `call_rcu_tasks_trace()` for it.
+//! - **RCU callback** (after the grace period, any CPU, bottom halves disabled): frees the whole
+//!   batch, then takes `pending` again: if items arrived meanwhile it starts the next grace
+//!   period for them (the chain), otherwise it gives the token back.
+//!
+//! So each CPU has at most one grace period in flight, a batch is snapshotted when its grace
+//! period starts (later items wait for the next one, never join it), and every item is in
+//! exactly one of: `pending`, the in-flight `batch`, a flush's `drained` list, or freed.
+//!
+//! # The token and why nothing is stranded
+//!
+//! `in_flight` is 1 while someone owns `{batch, rcu}`: a handler or a hotplug kick between
+//! taking the token and starting a grace period, then the grace period and its callback. It is
+//! taken with a fully ordered `xchg(1)`. The owner that finds `pending` empty gives it back with
+//! a fully ordered `xchg(0)` and then looks at `pending` once more, taking the token again if it
+//! is not empty. Why this suffices: a producer that finds `pending` empty queues the irq_work,
+//! whose handler runs after the `llist_add()`. If that handler finds the token taken, its `xchg`
+//! comes before the owner's releasing `xchg(0)` in the token's modification order, and the
+//! releasing `xchg` reads the value the handler wrote; both being fully ordered, the owner's
+//! re-check after the release sees the item (store->load ordering: a plain release store would
+//! not do). A producer that finds `pending` non-empty adds its item on top of one that has
+//! not been taken yet and is handled with it, since a list is only ever taken whole.
+//!
+//! # Flush
+//!
+//! [`Engine::flush`] frees, before it returns, every item queued before it was called. It is
+//! what `bpf_local_storage_map_free()` needs before the map's `btf_record` and buckets go away.
+//! `rcu_barrier_tasks_trace()` alone does not do: items may sit in `pending` with no callback
+//! queued for them, and a callback that re-arms queues a new callback the barrier does not wait
+//! for. Per CPU, `started` counts the batches taken (incremented by the token owner *before*
+//! its `llist_del_all()`) and `completed` the batches finished (incremented only after the batch
+//! is freed, or right away if the take was empty). A flush, serialised by a mutex:
+//!
+//! 1. syncs the irq_work of every online CPU, so that no handler is half-way through a take;
+//! 2. takes every possible CPU's `pending` itself (offline CPUs included) and, right after each
+//!    take, reads that CPU's `started`;
+//! 3. waits for a grace period (`synchronize_rcu_tasks_trace()`) and frees what it took;
+//! 4. calls `rcu_barrier_tasks_trace()` until every CPU's `completed` reaches what it read.
+//!
+//! An item queued before the flush is either still in `pending` at step 2 (the flush frees it)
+//! or was taken before by an owner whose `started` increment precedes its `llist_del_all()`,
+//! which precedes the flush's in the list's modification order: both being fully ordered, the
+//! flush reads a `started` that counts that batch, and waits until it is freed.
+//!
+//! # CPU hotplug
+//!
+//! A producer running on a CPU that is not online (the window between `__cpu_disable()` and
+//! death, or during bring-up, where only NMIs can produce) does not queue the irq_work: it
+//! would be left pending on a dead CPU, and `irq_work_queue()` would then refuse to queue it
+//! again once the CPU is back. Its items wait in `pending` for [`Engine::kick_cpu`], which the
+//! engine calls from a CPU hotplug "dead" callback (on a control CPU, once the CPU is gone) and
+//! from an "online" callback (on the CPU, once it is up again). Everything queued while the CPU
+//! was online had its irq_work run by `smpcfd_dying_cpu()` before the CPU went down; a chain
+//! already in flight runs its callbacks on other CPUs. A flush also takes offline CPUs' lists.
+//!
+//! # Statistics
+//!
+//! Per-CPU counters are in `/sys/kernel/debug/bpf_local_storage_defer/stats`; the format is
+//! documented at [`StatsFile`].
+//!
+//! C header: [`include/linux/bpf_local_storage.h`](srctree/include/linux/bpf_local_storage.h)
+
+use core::{
+    cell::UnsafeCell,
+    fmt,
+    ptr::NonNull, //
+};
+use kernel::{
+    bindings,
+    cpu::CpuId,
+    debugfs::Dir,
+    impl_has_irq_work,
+    irq_work::{
+        IrqWork,
+        IrqWorkHandler, //
+    },
+    llist::{
+        HasLListNode,
+        LListBatch,
+        LListHead,
+        LListNode, //
+    },
+    percpu::{
+        self,
+        PerCpu, //
+    },
+    prelude::*,
+    sync::{
+        atomic::{
+            Acquire,
+            Atomic,
+            Full,
+            Relaxed,
+            Release, //
+        },
+        new_mutex,
+        rcu_tasks_trace::{
+            self,
+            impl_has_rcu_head,
+            RcuHead,
+            RcuTasksTraceCallback, //
+        },
+        Mutex,
+        SetOnce,
+    },
+    time::{
+        delay::fsleep,
+        Delta, //
+    },
+    types::Opaque, //
+};
+
+const __LOG_PREFIX: &[u8] = b"bpf_local_storage_defer\0";
+
+/// An object freed by an [`Engine`].
+pub trait DeferFree: HasLListNode + Send + Sized {
+    /// Frees `obj`, whose Tasks Trace RCU grace period has elapsed.
+    ///
+    /// Called once for every object passed to [`Engine::queue`], from an RCU callback (bottom
+    /// halves disabled) or from [`Engine::flush`] (process context); never from hard interrupt
+    /// or NMI context. It must not sleep.
+    ///
+    /// # Safety
+    ///
+    /// `obj` was passed to [`Engine::queue`] and ownership of it passes back to the callee.
+    unsafe fn free(obj: NonNull<Self>);
+}
+
+/// Per-CPU counters, for observability only.
+///
+/// They are `usize` so that NMI producers update them with native atomics, and they wrap.
+struct Stats {
+    /// Objects queued on this CPU.
+    queued: Atomic<usize>,
+    /// Batches freed by the chain (one per grace period) or by a flush.
+    batches: Atomic<usize>,
+    /// Grace periods started by the chain (`call_rcu_tasks_trace()`).
+    gps: Atomic<usize>,
+    /// Objects of this CPU's lists freed, by the chain or by a flush.
+    freed: Atomic<usize>,
+    /// Objects of this CPU's lists freed by a flush.
+    flushed: Atomic<usize>,
+    /// Largest `queued - freed` seen by a producer (approximate).
+    max_pending: Atomic<usize>,
+}
+
+impl Stats {
+    const fn new() -> Self {
+        Self {
+            queued: Atomic::new(0),
+            batches: Atomic::new(0),
+            gps: Atomic::new(0),
+            freed: Atomic::new(0),
+            flushed: Atomic::new(0),
+            max_pending: Atomic::new(0),
+        }
+    }
+}
+
+/// A snapshot of one CPU's counters of an [`Engine`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuStats {
+    /// Objects queued on this CPU.
+    pub queued: usize,
+    /// Batches freed (one per grace period of the chain, one per flush that found items).
+    pub batches: usize,
+    /// Grace periods started by the chain.
+    pub gps: usize,
+    /// Objects freed.
+    pub freed: usize,
+    /// Objects freed by a flush.
+    pub flushed: usize,
+    /// Largest number of queued, not yet freed objects seen by a producer (approximate).
+    pub max_pending: usize,
+}
+
+impl CpuStats {
+    fn add(&mut self, o: &CpuStats) {
+        self.queued = self.queued.wrapping_add(o.queued);
+        self.batches = self.batches.wrapping_add(o.batches);
+        self.gps = self.gps.wrapping_add(o.gps);
+        self.freed = self.freed.wrapping_add(o.freed);
+        self.flushed = self.flushed.wrapping_add(o.flushed);
+        self.max_pending = self.max_pending.max(o.max_pending);
+    }
+}
+
+/// The per-CPU part of an [`Engine`].
+///
+/// # Invariants
+///
+/// - `in_flight` is 0 or 1; while it is 1, exactly one owner (a handler, a kick, or a grace
+///   period and its callback) has exclusive access to `batch` and to `rcu`.
+/// - While nobody owns the token, `batch` is empty and `rcu` is not queued.
+/// - `drained` is only accessed with the engine's `flush_lock` held, and is empty outside
+///   [`Engine::flush`].
+/// - `completed` never passes `started`, and `started - completed` is 0 or 1 (one batch at a
+///   time); both are only modified by the token owner.
+#[pin_data]
+struct CpuState<T: DeferFree> {
+    pending: LListHead<T>,
+    in_flight: Atomic<u32>,
+    batch: UnsafeCell<LListBatch<T>>,
+    drained: UnsafeCell<LListBatch<T>>,
+    started: Atomic<usize>,
+    completed: Atomic<usize>,
+    flush_target: Atomic<usize>,
+    stats: Stats,
+    #[pin]
+    work: IrqWork<CpuState<T>>,
+    rcu: RcuHead<CpuState<T>>,
+}
+
+// SAFETY: `batch` is only accessed by the token owner, `drained` only with the flush mutex held
+// (see the type invariants); every other field is atomic or designed for concurrent use.
+unsafe impl<T: DeferFree> Sync for CpuState<T> {}
+
+impl_has_irq_work! {
+    impl{T: DeferFree} HasIrqWork for CpuState<T> { self.work }
+}
+
+impl_has_rcu_head! {
+    impl{T: DeferFree} HasRcuHead for CpuState<T> { self.rcu }
+}
+
+impl<T: DeferFree> CpuState<T> {
+    fn new() -> impl PinInit<Self> {
+        // INVARIANT: Nobody owns the token, the batches are empty, the counters are equal.
+        pin_init!(Self {
+            pending: LListHead::new(),
+            in_flight: Atomic::new(0),
+            batch: UnsafeCell::new(LListBatch::new()),
+            drained: UnsafeCell::new(LListBatch::new()),
+            started: Atomic::new(0),
+            completed: Atomic::new(0),
+            flush_target: Atomic::new(0),
+            stats: Stats::new(),
+            work <- IrqWork::new_hard(),
+            rcu: RcuHead::new(),
+        })
+    }
+
+    /// Starts a batch unless a grace period is in flight. Any context but NMI.
+    fn kick(&self) {
+        // Fully ordered: if the token was free, we see everything its last owner did.
+        if self.in_flight.xchg(1, Full) != 0 {
+            // The owner takes `pending` again before it gives the token back (see the module
+            // documentation), so whatever is there now is not stranded.
+            return;
+        }
+        // SAFETY: We took the token.
+        unsafe { self.start_or_release() };
+    }
+
+    /// Takes `pending` and starts a grace period for it, or gives the token back if it is empty.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the token and `batch` is empty.
+    unsafe fn start_or_release(&self) {
+        loop {
+            // Counted before the take: `llist_del_all()` is a fully ordered `xchg()`, so a flush
+            // that takes `pending` after us and then reads `started` sees this increment.
+            self.started.fetch_add(1, Relaxed);
+            let batch = self.pending.del_all();
+            if !batch.is_empty() {
+                // SAFETY: We own the token, hence `batch`, which the caller left empty.
+                unsafe { *self.batch.get() = batch };
+                self.stats.gps.fetch_add(1, Relaxed);
+                // Use call_rcu_tasks_trace() to wait for sleepable programs, and syscalls
+                // reading under rcu_read_lock_trace(), that may still see these objects: they
+                // were all unlinked before this point, so the grace period starts after every
+                // unlink. It implies a regular RCU grace period, so the callback may kfree().
+                //
+                // SAFETY: We own the token, so `rcu` is not queued, and it stays ours until the
+                // callback gives the token back. `self` lives until the engine is dropped, which
+                // waits for callbacks with `rcu_barrier_tasks_trace()`.
+                unsafe { self.rcu.call_rcu_tasks_trace() };
+                return;
+            }
+
+            // An empty take completes at once. Release: a flush that reads `completed` with
+            // acquire sees everything this owner did before.
+            self.completed.fetch_add(1, Release);
+            // INVARIANT: `batch` is empty and `rcu` is not queued: the token may go.
+            // Fully ordered, so that the re-check below cannot be satisfied before the release:
+            // a handler that found the token taken wrote it after its producer's llist_add(),
+            // and this xchg() reads that write.
+            self.in_flight.xchg(0, Full);
+            if self.pending.is_empty() {
+                return;
+            }
+            // Items arrived while we owned the token; their producer's handler may have given
+            // up. Take the token back, unless someone else just did: then they take the items.
+            if self.in_flight.xchg(1, Full) != 0 {
+                return;
+            }
+        }
+    }
+
+    /// Frees every object of `batch`; returns how many.
+    fn free_batch(batch: LListBatch<T>) -> usize {
+        let mut n: usize = 0;
+        for obj in batch {
+            // SAFETY: Every object of a batch was passed to `Engine::queue` and its grace period
+            // has elapsed; the batch hands it back to us and we pass it on.
+            unsafe { T::free(obj) };
+            n = n.wrapping_add(1);
+        }
+        n
+    }
+
+    fn snapshot(&self) -> CpuStats {
+        CpuStats {
+            queued: self.stats.queued.load(Relaxed),
+            batches: self.stats.batches.load(Relaxed),
+            gps: self.stats.gps.load(Relaxed),
+            freed: self.stats.freed.load(Relaxed),
+            flushed: self.stats.flushed.load(Relaxed),
+            max_pending: self.stats.max_pending.load(Relaxed),
+        }
+    }
+}
+
+impl<T: DeferFree> IrqWorkHandler for CpuState<T> {
+    /// Runs in hard interrupt context, also on `PREEMPT_RT`, where `call_srcu()` is allowed: it
+    /// takes only raw spinlocks in this kernel.
+    fn run(this: &Self) {
+        this.kick();
+    }
+}
+
+impl<T: DeferFree> RcuTasksTraceCallback for CpuState<T> {
+    /// Runs after the grace period of the in-flight batch, on any CPU.
+    fn run(this: &Self) {
+        // SAFETY: The grace period (and so this callback) owns the token, hence `batch`.
+        let batch = core::mem::take(unsafe { &mut *this.batch.get() });
+        let n = Self::free_batch(batch);
+        this.stats.freed.fetch_add(n, Relaxed);
+        this.stats.batches.fetch_add(1, Relaxed);
+        // Release: the frees above happen before a flush that sees this count returns.
+        this.completed.fetch_add(1, Release);
+        // Chain: start the next grace period for what arrived meanwhile, or give the token
+        // back. Callbacks may queue callbacks: `call_srcu()` from an SRCU callback is fine.
+        //
+        // SAFETY: We own the token and `batch` is empty again.
+        unsafe { this.start_or_release() };
+    }
+}
+
+/// A deferred-free engine for objects of type `T`: see the module documentation.
+///
+/// # Invariants
+///
+/// `pcpu` holds the state of every possible CPU; it is only dropped after no handler or callback
+/// can run on it any more.
+#[pin_data(PinnedDrop)]
+pub struct Engine<T: DeferFree> {
+    pcpu: PerCpu<CpuState<T>>,
+    #[pin]
+    flush_lock: Mutex<()>,
+}
+
+impl<T: DeferFree> Engine<T> {
+    /// Creates an engine. Must be called from a context that may sleep.
+    pub fn new() -> impl PinInit<Self, Error> {
+        try_pin_init!(Self {
+            pcpu: PerCpu::new(|_| CpuState::new())?,
+            flush_lock <- new_mutex!(()),
+        }? Error)
+    }
+
+    fn state(&self, cpu: CpuId) -> Option<&CpuState<T>> {
+        self.pcpu.get(cpu).map(Pin::get_ref)
+    }
+
+    /// Queues `obj` to be freed after a Tasks Trace RCU grace period.
+    ///
+    /// Callable from any context, NMI included, also nested (an NMI interrupting a producer on
+    /// the same CPU): one `llist_add()`, and one `irq_work_queue()` when the CPU's list was
+    /// empty.
+    ///
+    /// # Safety
+    ///
+    /// - `obj` must point to a valid `T` whose node is on no list, and ownership of it passes to
+    ///   the engine, which hands it to [`DeferFree::free`].
+    /// - No new reader may find `obj` any more: readers that may still hold it are inside a
+    ///   Tasks Trace RCU read-side critical section that started before this call.
+    pub unsafe fn queue(&self, obj: NonNull<T>) {
+        self.pcpu.with_local(|cpu, st| {
+            let st = st.get_ref();
+            // Counted first, so that `freed` never overtakes `queued` for `max_pending`.
+            let queued = st.stats.queued.fetch_add(1, Relaxed).wrapping_add(1);
+            // SAFETY: The caller passes ownership of a valid object whose node is free.
+            let was_empty = unsafe { st.pending.add(obj) };
+            if was_empty && percpu::cpu_online(cpu) {
+                // With preemption disabled, this CPU cannot go offline before its dying step
+                // runs the irq_work; an offline CPU is handled by `kick_cpu()` (module docs).
+                //
+                // SAFETY: `st` lives until the engine is dropped, after `flush()` has synced
+                // every online CPU's irq_work.
+                unsafe { st.work.queue() };
+            }
+            let outstanding = queued.wrapping_sub(st.stats.freed.load(Relaxed));
+            if outstanding <= isize::MAX as usize && outstanding > st.stats.max_pending.load(Relaxed)
+            {
+                st.stats.max_pending.store(outstanding, Relaxed);
+            }
+        })
+    }
+
+    /// Starts a batch for `cpu` unless a grace period is already in flight for it.
+    ///
+    /// Called for CPU hotplug: on a control CPU once `cpu` is dead, and on `cpu` once it is
+    /// online again, to pick up objects queued while it was not online. Any context but NMI.
+    pub fn kick_cpu(&self, cpu: CpuId) {
+        if let Some(st) = self.state(cpu) {
+            st.kick();
+        }
+    }
+
+    /// Frees every object queued before the call, then returns.
+    ///
+    /// Sleeps; must not be called inside a Tasks Trace RCU read-side critical section.
+    pub fn flush(&self) {
+        let _guard = self.flush_lock.lock();
+
+        // Step 1: a handler half-way through a take (token taken, call_rcu_tasks_trace() not
+        // made yet) would make the barriers of step 4 return early and loop; let every running
+        // or pending handler finish first. Offline CPUs run none, and never have one pending
+        // (see `queue()`).
+        for cpu in percpu::possible_cpus() {
+            if let Some(st) = self.state(cpu) {
+                if percpu::cpu_online(cpu) {
+                    st.work.sync();
+                }
+            }
+        }
+
+        // Step 2: take what no one has taken yet, offline CPUs included: remote
+        // llist_del_all() is safe against concurrent llist_add(). Then read how many batches
+        // the CPU's owners have taken so far. The take is a fully ordered xchg(): an owner
+        // whose own take came first in `pending`'s modification order had incremented
+        // `started` before it, so the read below counts its batch.
+        let mut any = false;
+        for cpu in percpu::possible_cpus() {
+            let Some(st) = self.state(cpu) else { continue };
+            let drained = st.pending.del_all();
+            any |= !drained.is_empty();
+            // SAFETY: We hold `flush_lock`, which owns `drained`; it is empty outside flushes.
+            unsafe { (*st.drained.get()).append(drained) };
+            st.flush_target.store(st.started.load(Relaxed), Relaxed);
+        }
+
+        // Step 3: the drained objects were unlinked before we took them, so one grace period
+        // that starts now covers them all.
+        if any {
+            rcu_tasks_trace::synchronize_rcu_tasks_trace();
+            for cpu in percpu::possible_cpus() {
+                let Some(st) = self.state(cpu) else { continue };
+                // SAFETY: We hold `flush_lock`, which owns `drained`.
+                let drained = core::mem::take(unsafe { &mut *st.drained.get() });
+                if drained.is_empty() {
+                    continue;
+                }
+                let n = CpuState::<T>::free_batch(drained);
+                st.stats.freed.fetch_add(n, Relaxed);
+                st.stats.flushed.fetch_add(n, Relaxed);
+                st.stats.batches.fetch_add(1, Relaxed);
+            }
+        }
+
+        // Step 4: wait for the batches the owners had taken. The barrier waits for the
+        // callbacks queued before it; one that re-arms queues a new callback the barrier does
+        // not wait for, hence the loop on the counters rather than a single barrier. Acquire
+        // pairs with the release increment after the frees.
+        for cpu in percpu::possible_cpus() {
+            let Some(st) = self.state(cpu) else { continue };
+            let target = st.flush_target.load(Relaxed);
+            let done = || (st.completed.load(Acquire).wrapping_sub(target) as isize) >= 0;
+            while !done() {
+                rcu_tasks_trace::rcu_barrier_tasks_trace();
+                if !done() {
+                    // An owner between its take and call_rcu_tasks_trace() (a hotplug kick
+                    // can be preempted there): the barrier had nothing to wait for.
+                    fsleep(Delta::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Returns a snapshot of the counters of `cpu`, or [`None`] if it is not possible.
+    pub fn stats(&self, cpu: CpuId) -> Option<CpuStats> {
+        self.state(cpu).map(CpuState::snapshot)
+    }
+
+    /// Returns the sum of the counters of every possible CPU (`max_pending`: the largest).
+    pub fn total_stats(&self) -> CpuStats {
+        let mut total = CpuStats::default();
+        for cpu in percpu::possible_cpus() {
+            if let Some(s) = self.stats(cpu) {
+                total.add(&s);
+            }
+        }
+        total
+    }
+
+    /// Adds `obj` to the pending list of `cpu` without notifying anyone, like a producer on
+    /// `cpu` while it is not online.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Engine::queue`].
+    #[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
+    unsafe fn queue_offline(&self, cpu: CpuId, obj: NonNull<T>) -> bool {
+        let Some(st) = self.state(cpu) else {
+            return false;
+        };
+        st.stats.queued.fetch_add(1, Relaxed);
+        // SAFETY: The caller passes ownership of a valid object whose node is free.
+        unsafe { st.pending.add(obj) };
+        true
+    }
+}
+
+#[pinned_drop]
+impl<T: DeferFree> PinnedDrop for Engine<T> {
+    fn drop(self: Pin<&mut Self>) {
+        // Nobody can queue any more: we are being dropped. Free what is left.
+        self.flush();
+        // A callback may still be giving its token back after its `completed` increment; it
+        // was queued before this barrier, which waits until it has returned. No handler can
+        // run: only producers queue them, and `flush()` synced those queued before.
+        rcu_tasks_trace::rcu_barrier_tasks_trace();
+        // INVARIANT: No handler or callback can touch `pcpu` any more; it is dropped next.
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// BPF local storage glue.
+// ---------------------------------------------------------------------------------------------
+
+/// A `struct bpf_local_storage_elem` queued by `bpf_selem_free()`.
+#[repr(transparent)]
+struct Selem(Opaque<bindings::bpf_local_storage_elem>);
+
+// SAFETY: An element may be freed on any CPU: `bpf_obj_free_fields()` and `kfree()` are not tied
+// to the CPU or task that allocated it.
+unsafe impl Send for Selem {}
+
+// SAFETY: `llnode` is a member of the anonymous union that also holds `rcu` and `free_node`;
+// once the element is handed to `bpf_selem_free_deferred()` none of them is used by anybody else.
+unsafe impl HasLListNode for Selem {
+    #[inline]
+    unsafe fn raw_get_llist_node(ptr: *mut Self) -> *mut LListNode {
+        let selem = ptr.cast::<bindings::bpf_local_storage_elem>();
+        // SAFETY: The caller guarantees that `ptr` points to a valid element.
+        LListNode::from_raw(unsafe { &raw mut (*selem).__bindgen_anon_1.llnode })
+    }
+
+    #[inline]
+    unsafe fn llist_node_container_of(ptr: *mut LListNode) -> *mut Self {
+        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid element.
+        let selem = unsafe {
+            kernel::container_of!(
+                LListNode::raw(ptr),
+                bindings::bpf_local_storage_elem,
+                __bindgen_anon_1.llnode
+            )
+        };
+        selem.cast()
+    }
+}
+
+impl DeferFree for Selem {
+    /// Same as the C `bpf_selem_free_trace_rcu()`.
+    unsafe fn free(obj: NonNull<Self>) {
+        let selem = obj.as_ptr().cast::<bindings::bpf_local_storage_elem>();
+        // SAFETY: `selem` is valid and ours. No one writes `smap` of an unlinked element; READ_ONCE
+        // as the C does with rcu_dereference_check().
+        let smap: *mut bindings::bpf_local_storage_map = unsafe {
+            kernel::sync::atomic::atomic_load(&raw mut (*selem).sdata.smap, Relaxed)
+        };
+        if !smap.is_null() {
+            // SAFETY: The map and its record outlive the elements queued for it:
+            // bpf_local_storage_map_free() flushes the engine before it frees them. The grace
+            // period has elapsed, so no program can kptr_xchg() into the value any more.
+            unsafe {
+                bindings::bpf_obj_free_fields(
+                    (*smap).map.record,
+                    (&raw mut (*selem).sdata.data).cast(),
+                )
+            };
+        }
+        // SAFETY: Allocated by bpf_map_kmalloc_nolock(), which kfree() accepts. A Tasks Trace
+        // grace period implies a regular RCU grace period.
+        unsafe { bindings::kfree(selem.cast_const().cast()) };
+    }
+}
+
+/// A `struct bpf_local_storage` freed with its last element.
+#[repr(transparent)]
+struct Storage(Opaque<bindings::bpf_local_storage>);
+
+// SAFETY: A storage may be freed on any CPU.
+unsafe impl Send for Storage {}
+
+// SAFETY: `llnode` shares an anonymous union with `rcu` only; once the storage is handed to
+// `bpf_local_storage_free_deferred()` neither is used by anybody else.
+unsafe impl HasLListNode for Storage {
+    #[inline]
+    unsafe fn raw_get_llist_node(ptr: *mut Self) -> *mut LListNode {
+        let storage = ptr.cast::<bindings::bpf_local_storage>();
+        // SAFETY: The caller guarantees that `ptr` points to a valid storage.
+        LListNode::from_raw(unsafe { &raw mut (*storage).__bindgen_anon_1.llnode })
+    }
+
+    #[inline]
+    unsafe fn llist_node_container_of(ptr: *mut LListNode) -> *mut Self {
+        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid storage.
+        let storage = unsafe {
+            kernel::container_of!(
+                LListNode::raw(ptr),
+                bindings::bpf_local_storage,
+                __bindgen_anon_1.llnode
+            )
+        };
+        storage.cast()
+    }
+}
+
+impl DeferFree for Storage {
+    /// Same as the C `bpf_local_storage_free_trace_rcu()`.
+    unsafe fn free(obj: NonNull<Self>) {
+        // SAFETY: Allocated by bpf_map_kmalloc_nolock(), which kfree() accepts; it is ours and
+        // its grace period has elapsed.
+        unsafe { bindings::kfree(obj.as_ptr().cast_const().cast()) };
+    }
+}
+
+/// Elements, and storages: two engines, so that each `DeferFree` is a plain type and the list
+/// nodes need no tag. A storage freed with its last element rides a grace period of its own,
+/// concurrent with the element's.
+static SELEMS: SetOnce<Pin<KBox<Engine<Selem>>>> = SetOnce::new();
+static STORAGES: SetOnce<Pin<KBox<Engine<Storage>>>> = SetOnce::new();
+
+/// The `stats` debugfs file.
+///
+/// Format: a header line, then one line per engine (`selem`, `storage`) and possible CPU, then
+/// one `total` line per engine, fields separated by one space:
+///
+/// ```text
+/// engine cpu queued batches gps freed flushed max_pending
+/// selem 0 120 7 6 118 2 40
+/// selem total 120 7 6 118 2 40
+/// storage 0 3 1 1 3 0 1
+/// storage total 3 1 1 3 0 1
+/// ```
+///
+/// `queued`: objects queued; `batches`: batches freed; `gps`: Tasks Trace grace periods started
+/// by the chain; `freed`: objects freed (by the chain or a flush); `flushed`: objects freed by
+/// `bpf_local_storage_defer_flush()`; `max_pending`: largest number of queued, not yet freed
+/// objects a producer saw (approximate). Counters are per CPU of the producer and wrap.
+/// `queued - freed` is the number of objects still waiting.
+struct StatsFile;
+
+fn write_engine<T: DeferFree>(
+    f: &mut fmt::Formatter<'_>,
+    name: &str,
+    engine: Option<&Pin<KBox<Engine<T>>>>,
+) -> fmt::Result {
+    let Some(engine) = engine else {
+        return Ok(());
+    };
+    let line = |f: &mut fmt::Formatter<'_>, cpu: &dyn fmt::Display, s: &CpuStats| {
+        writeln!(
+            f,
+            "{name} {cpu} {} {} {} {} {} {}",
+            s.queued, s.batches, s.gps, s.freed, s.flushed, s.max_pending
+        )
+    };
+    for cpu in percpu::possible_cpus() {
+        if let Some(s) = engine.stats(cpu) {
+            line(f, &cpu.as_u32(), &s)?;
+        }
+    }
+    line(f, &"total", &engine.total_stats())
+}
+
+impl fmt::Debug for StatsFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("engine cpu queued batches gps freed flushed max_pending\n")?;
+        write_engine(f, "selem", SELEMS.as_ref())?;
+        write_engine(f, "storage", STORAGES.as_ref())
+    }
+}
+
+/// CPU hotplug "dead" callback: runs on a control CPU once `cpu` is gone.
+unsafe extern "C" fn cpu_dead(cpu: c_uint) -> c_int {
+    kick_all(cpu);
+    0
+}
+
+/// CPU hotplug "online" callback: runs on `cpu` once it is up.
+unsafe extern "C" fn cpu_online(cpu: c_uint) -> c_int {
+    kick_all(cpu);
+    0
+}
+
+fn kick_all(cpu: c_uint) {
+    let Some(cpu) = CpuId::from_u32(cpu) else {
+        return;
+    };
+    if let Some(engine) = SELEMS.as_ref() {
+        engine.kick_cpu(cpu);
+    }
+    if let Some(engine) = STORAGES.as_ref() {
+        engine.kick_cpu(cpu);
+    }
+}
+
+fn init() -> Result {
+    let selems = KBox::pin_init(Engine::<Selem>::new(), GFP_KERNEL)?;
+    let storages = KBox::pin_init(Engine::<Storage>::new(), GFP_KERNEL)?;
+    if !SELEMS.populate(selems) || !STORAGES.populate(storages) {
+        return Err(EBUSY);
+    }
+
+    // SAFETY: The name is a static C string and the callbacks have the expected signature.
+    let ret = unsafe {
+        bindings::__cpuhp_setup_state(
+            bindings::cpuhp_state_CPUHP_BP_PREPARE_DYN,
+            c"bpf/local_storage_defer:dead".as_char_ptr(),
+            false,
+            None,
+            Some(cpu_dead),
+            false,
+        )
+    };
+    if ret < 0 {
+        pr_warn!("no CPU dead callback: {ret}\n");
+    }
+    // SAFETY: As above.
+    let ret = unsafe {
+        bindings::__cpuhp_setup_state(
+            bindings::cpuhp_state_CPUHP_AP_ONLINE_DYN,
+            c"bpf/local_storage_defer:online".as_char_ptr(),
+            false,
+            Some(cpu_online),
+            None,
+            false,
+        )
+    };
+    if ret < 0 {
+        pr_warn!("no CPU online callback: {ret}\n");
+    }
+
+    let dir = Dir::new(c"bpf_local_storage_defer");
+    match KBox::pin_init(dir.read_only_file(c"stats", StatsFile), GFP_KERNEL) {
+        // The file lives as long as the kernel: the engines are built in and never go away.
+        Ok(file) => core::mem::forget(file),
+        Err(e) => pr_warn!("no debugfs stats: {e:?}\n"),
+    }
+    Ok(())
+}
+
+/// Creates the engines; called once from an initcall, before any map exists.
+#[export]
+pub unsafe extern "C" fn bpf_local_storage_defer_init() -> c_int {
+    match init() {
+        Ok(()) => 0,
+        Err(e) => {
+            pr_err!("init failed: {e:?}\n");
+            e.to_errno()
+        }
+    }
+}
+
+/// Returns `true` once the engines accept objects.
+#[export]
+pub unsafe extern "C" fn bpf_local_storage_defer_ready() -> bool {
+    SELEMS.as_ref().is_some() && STORAGES.as_ref().is_some()
+}
+
+/// Queues an unlinked element to be freed after a Tasks Trace RCU grace period.
+///
+/// Returns `false`, doing nothing, if the engine is not ready.
+///
+/// # Safety
+///
+/// `selem` must be an element allocated by `bpf_selem_alloc()`, unlinked from its storage and
+/// its map, that nobody else frees; ownership passes to the engine.
+#[export]
+pub unsafe extern "C" fn bpf_selem_free_deferred(
+    selem: *mut bindings::bpf_local_storage_elem,
+) -> bool {
+    let (Some(engine), Some(selem)) = (SELEMS.as_ref(), NonNull::new(selem.cast::<Selem>())) else {
+        return false;
+    };
+    // SAFETY: The caller passes ownership of an unlinked element; its union (`rcu`, `free_node`,
+    // `llnode`) is no longer used by the C code. Readers that may hold it entered their
+    // critical sections before the unlink, hence before this call.
+    unsafe { engine.queue(selem) };
+    true
+}
+
+/// Queues a storage freed with its last element.
+///
+/// Returns `false`, doing nothing, if the engine is not ready.
+///
+/// # Safety
+///
+/// `local_storage` must be a storage allocated by `bpf_local_storage_alloc()` that its owner no
+/// longer points to and nobody else frees; ownership passes to the engine.
+#[export]
+pub unsafe extern "C" fn bpf_local_storage_free_deferred(
+    local_storage: *mut bindings::bpf_local_storage,
+) -> bool {
+    let (Some(engine), Some(storage)) = (
+        STORAGES.as_ref(),
+        NonNull::new(local_storage.cast::<Storage>()),
+    ) else {
+        return false;
+    };
+    // SAFETY: The caller passes ownership of a storage nobody can newly find.
+    unsafe { engine.queue(storage) };
+    true
+}
+
+/// Frees every element and storage queued before the call. Sleeps.
+#[export]
+pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
+    if let Some(engine) = SELEMS.as_ref() {
+        engine.flush();
+    }
+    if let Some(engine) = STORAGES.as_ref() {
+        engine.flush();
+    }
+}
