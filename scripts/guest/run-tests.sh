@@ -2,17 +2,55 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # Runs INSIDE the guest (started by scripts/run-vm.sh). Built-in KUnit suites
-# have already run during boot; save the kernel log, then leave a marker so
-# the host knows the guest got this far.
+# have already run during boot. Then, if the host prepared them (OUTDIR/guest.env
+# sets SELFTESTS_DIR, TEST_PROGS_ALLOW, TEST_MAPS, KMODS):
+#   - load our test modules (KMODS),
+#   - run test_progs -a "$TEST_PROGS_ALLOW" -J OUTDIR/test_progs.json,
+#   - run test_maps when TEST_MAPS=1.
+# The kernel log is saved last (OUTDIR/dmesg.txt), so splats from the
+# selftests are in it; OUTDIR/guest-done tells the host the script finished.
 #
 # Usage: run-tests.sh OUTDIR
 set -euo pipefail
 out=${1:?usage: run-tests.sh OUTDIR}
+SELFTESTS_DIR='' TEST_PROGS_ALLOW='' TEST_MAPS=0 KMODS=''
+# shellcheck disable=SC1091
+[ -f "$out/guest.env" ] && . "$out/guest.env"
 
 echo "==> guest: $(uname -r), $(nproc) CPUs"
 mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
 if [ -d /sys/kernel/debug/kunit ]; then
-	echo "==> guest: $(find /sys/kernel/debug/kunit -mindepth 1 -maxdepth 1 -type d | wc -l) KUnit suites registered"
+	echo "==> guest: $(find /sys/kernel/debug/kunit -mindepth 1 -maxdepth 1 -type d | wc -l) KUnit suites ran at boot"
 fi
+dmesg >"$out/dmesg-boot.txt"
+
+if [ -n "$SELFTESTS_DIR" ]; then
+	mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+	mountpoint -q /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing
+	for m in $KMODS; do
+		echo "==> guest: insmod $(basename "$m")"
+		insmod "$m"
+	done
+	cd "$SELFTESTS_DIR"
+	if [ -n "$TEST_PROGS_ALLOW" ]; then
+		echo "==> guest: test_progs -a $TEST_PROGS_ALLOW"
+		start=$(date +%s)
+		rc=0
+		./test_progs -a "$TEST_PROGS_ALLOW" -J "$out/test_progs.json" \
+			>"$out/test_progs.log" 2>&1 || rc=$?
+		grep -E '^(#[0-9]|Summary)' "$out/test_progs.log" || true
+		echo "==> guest: test_progs exit $rc after $(($(date +%s) - start))s"
+	fi
+	if [ "$TEST_MAPS" = 1 ]; then
+		echo "==> guest: test_maps"
+		start=$(date +%s)
+		rc=0
+		./test_maps >"$out/test_maps.log" 2>&1 || rc=$?
+		echo "$rc" >"$out/test_maps.rc"
+		tail -n 3 "$out/test_maps.log"
+		echo "==> guest: test_maps exit $rc after $(($(date +%s) - start))s"
+	fi
+fi
+
 dmesg >"$out/dmesg.txt"
 touch "$out/guest-done"

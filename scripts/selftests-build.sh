@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# Build the BPF selftests (test_progs, test_maps and the test modules) for the
+# harness kernel, in the harness-owned tree (the selftests build writes into
+# its source directory), against the build dir's vmlinux BTF. clang/llvm-19,
+# static link. Incremental; takes the same lock as the kernel build.
+# Our own test module (top-level Kbuild) is built with M=<repo> MO=<dir>.
+#
+# Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [KDIR=..] scripts/selftests-build.sh
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+tree=$(tree_dir)
+obj=$(build_dir)
+st=$tree/tools/testing/selftests/bpf
+[ -f "$obj/vmlinux" ] || die "no vmlinux in $obj: build the kernel first"
+[ "$ARCH" = x86_64 ] || die "selftests for ARCH=$ARCH are not supported yet"
+mapfile -t mk < <(kmake_vars)
+log=$obj/selftests-build.log
+
+exec 9>"$CACHE/build.lock"
+if ! flock -n 9; then
+	info "waiting for another build to finish ($CACHE/build.lock)"
+	flock 9
+fi
+
+# Bookworm's clang-19 predates the default of newer clangs; libarena's BPF
+# objects use v4 instructions, so build them with -mcpu=v4 explicitly.
+stvars=(
+	O="$obj" VMLINUX_BTF="$obj/vmlinux"
+	CLANG="clang-$LLVM_VER" LLC="llc-$LLVM_VER" LLVM_STRIP="llvm-strip-$LLVM_VER"
+	LLVM_CONFIG="llvm-config-$LLVM_VER"
+	SKIP_DOCS=1 SKIP_LLVM=1 SKIP_LIBBFD=1
+	PKG_CONFIG="pkg-config --static" EXTRA_LDFLAGS=-static
+	BPF_STRICT_BUILD=1
+)
+
+info "building BPF selftests in $st (log: $log)"
+start=$(date +%s)
+rc=0
+make -C "$st" "${stvars[@]}" -j"${JOBS:-$(nproc)}" test_progs test_maps >"$log" 2>&1 || rc=$?
+if [ "$rc" != 0 ]; then
+	grep -E 'error|Error' "$log" | head -30 >&2 || true
+	die "selftests build failed (exit $rc); full log: $log"
+fi
+
+if [ -f "$REPO/Kbuild" ] && [ "$BASELINE" != 1 ]; then
+	info "building our test module(s) from $REPO/Kbuild"
+	make -C "$tree" O="$obj" "${mk[@]}" M="$REPO" MO="$obj/lsdefer-kmod" \
+		-j"${JOBS:-$(nproc)}" modules >>"$log" 2>&1 ||
+		die "test module build failed; full log: $log"
+fi
+info "selftests built in $(($(date +%s) - start))s"

@@ -1,0 +1,62 @@
+/* SPDX-License-Identifier: GPL-2.0 */
+/*
+ * Interface of lsdefer_testmod.ko (repo: selftests/kmod/lsdefer_testmod.c),
+ * shared by the module, the ls_defer_* BPF programs and test_progs. Plain
+ * fixed-size types only: the three see different headers.
+ */
+#ifndef __LSDEFER_TESTMOD_H
+#define __LSDEFER_TESTMOD_H
+
+#define LSDEFER_MOD_NAME	"lsdefer_testmod"
+#define LSDEFER_DEBUGFS		"/sys/kernel/debug/lsdefer_testmod"
+#define LSDEFER_STATS		LSDEFER_DEBUGFS "/stats"
+/* write "N": raise N NMIs, one at a time, on the writer's CPU (x86 only) */
+#define LSDEFER_NMI		LSDEFER_DEBUGFS "/nmi"
+/* write "CPU N GAP_US": raise N NMIs on CPU, GAP_US apart at most (x86) */
+#define LSDEFER_NMI_STORM	LSDEFER_DEBUGFS "/nmi_storm"
+
+/*
+ * An object BPF programs get from bpf_lsdefer_obj_new() and keep as a
+ * referenced kptr in local storage values. bpf_obj_free_fields() destroys it
+ * through its destructor; bpf_lsdefer_obj_release() destroys it directly.
+ * Destroying checks and poisons magic, so a double destroy is counted even
+ * when KASAN is off.
+ */
+struct lsdefer_obj {
+	__u64 magic;
+	__u64 id;
+};
+
+#define LSDEFER_OBJ_LIVE	0x4c6976654c736446ULL
+#define LSDEFER_OBJ_DEAD	0x446561644c736446ULL
+
+/*
+ * Counters, in the order of the stats file ("name value" per line), also
+ * readable from programs with bpf_lsdefer_counter().
+ */
+enum lsdefer_counter {
+	LSDEFER_CNT_CREATED,	/* objects handed out by bpf_lsdefer_obj_new() */
+	LSDEFER_CNT_DESTROYED,	/* objects destroyed, either way */
+	LSDEFER_CNT_DTOR,	/* ... of which by the kptr destructor */
+	LSDEFER_CNT_BAD,	/* destroy of an object without the live magic */
+	LSDEFER_CNT_SEQ,	/* event clock: bpf_lsdefer_seq(), each dtor */
+	LSDEFER_CNT_LAST_DTOR_SEQ, /* clock value of the latest dtor */
+	LSDEFER_CNT_NMI,	/* NMIs that called bpf_lsdefer_nmi_target() */
+	LSDEFER_CNT_NMI_LOST,	/* NMIs raised that did not arrive in time */
+	LSDEFER_CNT_NR,
+};
+
+/* bpf_lsdefer_ctx(): the context a program runs in */
+#define LSDEFER_CTX_NMI		(1U << 0)
+#define LSDEFER_CTX_HARDIRQ	(1U << 1)
+#define LSDEFER_CTX_SOFTIRQ	(1U << 2)
+
+#if defined(__bpf__)
+struct lsdefer_obj *bpf_lsdefer_obj_new(void) __ksym;
+void bpf_lsdefer_obj_release(struct lsdefer_obj *obj) __ksym;
+__u64 bpf_lsdefer_counter(__u32 idx) __ksym;
+__u64 bpf_lsdefer_seq(void) __ksym;
+__u32 bpf_lsdefer_ctx(void) __ksym;
+#endif
+
+#endif /* __LSDEFER_TESTMOD_H */

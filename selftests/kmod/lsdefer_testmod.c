@@ -1,0 +1,374 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Test support for the BPF local storage deferred-free selftests
+ * (tools/testing/selftests/bpf/prog_tests/ls_defer_*.c).
+ *
+ * - struct lsdefer_obj: BPF programs create it with bpf_lsdefer_obj_new() and
+ *   store it as a referenced kptr in local storage values. Its destructor,
+ *   called by bpf_obj_free_fields() when a value is freed, checks and poisons
+ *   it and counts, so tests can tell whether and when every value was freed.
+ * - bpf_lsdefer_nmi_target(): called from this module's NMI handler, for
+ *   fentry programs. Writing <debugfs>/lsdefer_testmod/nmi raises an NMI on
+ *   the writer's CPU; nmi_storm raises a stream of NMIs on another CPU, which
+ *   land wherever that CPU happens to be. x86 only: QEMU TCG has no PMU, but
+ *   its local APIC delivers NMI IPIs.
+ * - <debugfs>/lsdefer_testmod/stats: the counters of enum lsdefer_counter.
+ *
+ * Interface: ../bpf/lsdefer_testmod.h.
+ */
+#include <linux/atomic.h>
+#include <linux/bpf.h>
+#include <linux/btf.h>
+#include <linux/btf_ids.h>
+#include <linux/cpu.h>
+#include <linux/cpumask.h>
+#include <linux/debugfs.h>
+#include <linux/delay.h>
+#include <linux/fs.h>
+#include <linux/ktime.h>
+#include <linux/module.h>
+#include <linux/mutex.h>
+#include <linux/percpu.h>
+#include <linux/preempt.h>
+#include <linux/random.h>
+#include <linux/sched/signal.h>
+#include <linux/seq_file.h>
+#include <linux/slab.h>
+#include <linux/uaccess.h>
+#ifdef CONFIG_X86_LOCAL_APIC
+#include <asm/apic.h>
+#include <asm/nmi.h>
+#define LSDEFER_HAVE_NMI 1
+#endif
+
+#include "../bpf/lsdefer_testmod.h"
+
+static atomic64_t lsdefer_cnt[LSDEFER_CNT_NR];
+
+static const char * const lsdefer_cnt_name[LSDEFER_CNT_NR] = {
+	[LSDEFER_CNT_CREATED]		= "created",
+	[LSDEFER_CNT_DESTROYED]		= "destroyed",
+	[LSDEFER_CNT_DTOR]		= "dtor",
+	[LSDEFER_CNT_BAD]		= "bad",
+	[LSDEFER_CNT_SEQ]		= "seq",
+	[LSDEFER_CNT_LAST_DTOR_SEQ]	= "last_dtor_seq",
+	[LSDEFER_CNT_NMI]		= "nmi",
+	[LSDEFER_CNT_NMI_LOST]		= "nmi_lost",
+};
+
+static void lsdefer_obj_destroy(struct lsdefer_obj *obj, bool dtor)
+{
+	/*
+	 * A second destroy of the same object finds the poison, unless the
+	 * memory was reused already; KASAN reports that case.
+	 */
+	if (cmpxchg(&obj->magic, LSDEFER_OBJ_LIVE, LSDEFER_OBJ_DEAD) !=
+	    LSDEFER_OBJ_LIVE) {
+		atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_BAD]);
+		WARN_ONCE(1, "lsdefer_obj %px destroyed twice or corrupted\n", obj);
+		return;
+	}
+	if (dtor) {
+		u64 seq = atomic64_inc_return(&lsdefer_cnt[LSDEFER_CNT_SEQ]);
+
+		atomic64_set(&lsdefer_cnt[LSDEFER_CNT_LAST_DTOR_SEQ], seq);
+		atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_DTOR]);
+	}
+	/* Counted before the free: a reader that sees the count may unload. */
+	atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_DESTROYED]);
+	kfree_nolock(obj);
+}
+
+__bpf_kfunc_start_defs();
+
+/* Any context, NMI included: the programs create objects from NMI. */
+__bpf_kfunc struct lsdefer_obj *bpf_lsdefer_obj_new(void)
+{
+	struct lsdefer_obj *obj;
+
+	obj = kmalloc_nolock(sizeof(*obj), __GFP_ZERO, NUMA_NO_NODE);
+	if (!obj)
+		return NULL;
+	obj->id = atomic64_inc_return(&lsdefer_cnt[LSDEFER_CNT_CREATED]);
+	obj->magic = LSDEFER_OBJ_LIVE;
+	return obj;
+}
+
+__bpf_kfunc void bpf_lsdefer_obj_release(struct lsdefer_obj *obj)
+{
+	lsdefer_obj_destroy(obj, false);
+}
+
+/* Called by bpf_obj_free_fields(): never from NMI, but keep it any-context. */
+__bpf_kfunc void bpf_lsdefer_obj_dtor(void *obj)
+{
+	lsdefer_obj_destroy(obj, true);
+}
+CFI_NOSEAL(bpf_lsdefer_obj_dtor);
+
+__bpf_kfunc u64 bpf_lsdefer_counter(u32 idx)
+{
+	if (idx >= LSDEFER_CNT_NR)
+		return 0;
+	return atomic64_read(&lsdefer_cnt[idx]);
+}
+
+/* Ticks the event clock the destructor also ticks: orders program events. */
+__bpf_kfunc u64 bpf_lsdefer_seq(void)
+{
+	return atomic64_inc_return(&lsdefer_cnt[LSDEFER_CNT_SEQ]);
+}
+
+__bpf_kfunc u32 bpf_lsdefer_ctx(void)
+{
+	u32 ctx = 0;
+
+	if (in_nmi())
+		ctx |= LSDEFER_CTX_NMI;
+	if (in_hardirq())
+		ctx |= LSDEFER_CTX_HARDIRQ;
+	if (in_serving_softirq())
+		ctx |= LSDEFER_CTX_SOFTIRQ;
+	return ctx;
+}
+
+__bpf_kfunc_end_defs();
+
+BTF_KFUNCS_START(lsdefer_kfunc_ids)
+BTF_ID_FLAGS(func, bpf_lsdefer_obj_new, KF_ACQUIRE | KF_RET_NULL)
+BTF_ID_FLAGS(func, bpf_lsdefer_obj_release, KF_RELEASE)
+BTF_ID_FLAGS(func, bpf_lsdefer_counter)
+BTF_ID_FLAGS(func, bpf_lsdefer_seq)
+BTF_ID_FLAGS(func, bpf_lsdefer_ctx)
+BTF_KFUNCS_END(lsdefer_kfunc_ids)
+
+static const struct btf_kfunc_id_set lsdefer_kfunc_set = {
+	.owner = THIS_MODULE,
+	.set   = &lsdefer_kfunc_ids,
+};
+
+BTF_ID_LIST(lsdefer_dtor_ids)
+BTF_ID(struct, lsdefer_obj)
+BTF_ID(func, bpf_lsdefer_obj_dtor)
+
+__bpf_hook_start();
+
+/*
+ * fentry programs attach here. Called from the NMI handler with in_nmi() as
+ * the handler saw it; noinline and noclone so that it stays a traceable
+ * function of its own, with this name and prototype in the module's BTF.
+ */
+noinline __noclone int bpf_lsdefer_nmi_target(int in_nmi)
+{
+	barrier();
+	return in_nmi;
+}
+
+__bpf_hook_end();
+
+#ifdef LSDEFER_HAVE_NMI
+/* Set by whoever raises an NMI on this CPU, cleared by the handler. */
+static DEFINE_PER_CPU(int, lsdefer_nmi_armed);
+/* One NMI raiser at a time: tests are serial, this keeps them honest. */
+static DEFINE_MUTEX(lsdefer_nmi_lock);
+
+static int lsdefer_nmi_handler(unsigned int cmd, struct pt_regs *regs)
+{
+	if (!this_cpu_read(lsdefer_nmi_armed))
+		return NMI_DONE;
+	bpf_lsdefer_nmi_target(!!in_nmi());
+	atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_NMI]);
+	/* Pairs with the acquire in lsdefer_raise_nmi(): the run is counted. */
+	smp_store_release(this_cpu_ptr(&lsdefer_nmi_armed), 0);
+	return NMI_HANDLED;
+}
+
+/*
+ * Raise one NMI on @cpu and wait until its handler ran. Preemption is
+ * disabled by the caller when @cpu is the current CPU.
+ */
+static int lsdefer_raise_nmi(unsigned int cpu)
+{
+	int *armed = per_cpu_ptr(&lsdefer_nmi_armed, cpu);
+	u64 deadline = ktime_get_ns() + NSEC_PER_SEC;
+
+	WRITE_ONCE(*armed, 1);
+	/* The handler on @cpu must see the flag once the NMI is there. */
+	smp_mb();
+	__apic_send_IPI_mask(cpumask_of(cpu), NMI_VECTOR);
+	while (smp_load_acquire(armed)) {
+		if (ktime_get_ns() > deadline) {
+			/* Lost: a late NMI then finds nothing to do. */
+			if (cmpxchg(armed, 1, 0) == 1) {
+				atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_NMI_LOST]);
+				return -ETIMEDOUT;
+			}
+			break;
+		}
+		cpu_relax();
+	}
+	return 0;
+}
+
+static int lsdefer_parse(const char __user *ubuf, size_t len, int *v, int nr)
+{
+	char buf[64];
+	int n;
+
+	if (len >= sizeof(buf))
+		return -EINVAL;
+	if (copy_from_user(buf, ubuf, len))
+		return -EFAULT;
+	buf[len] = '\0';
+	switch (nr) {
+	case 1:
+		n = sscanf(buf, "%d", &v[0]);
+		break;
+	case 3:
+		n = sscanf(buf, "%d %d %d", &v[0], &v[1], &v[2]);
+		break;
+	default:
+		return -EINVAL;
+	}
+	return n == nr ? 0 : -EINVAL;
+}
+
+/* write "N": N NMIs on the writer's CPU, each waited for */
+static ssize_t lsdefer_nmi_write(struct file *file, const char __user *ubuf,
+				 size_t len, loff_t *ppos)
+{
+	int v[1], i, err;
+
+	err = lsdefer_parse(ubuf, len, v, 1);
+	if (err)
+		return err;
+	if (v[0] <= 0 || v[0] > 1000000)
+		return -EINVAL;
+	mutex_lock(&lsdefer_nmi_lock);
+	for (i = 0; i < v[0] && !err; i++) {
+		preempt_disable();
+		err = lsdefer_raise_nmi(smp_processor_id());
+		preempt_enable();
+		cond_resched();
+	}
+	mutex_unlock(&lsdefer_nmi_lock);
+	return err ?: len;
+}
+
+/*
+ * write "CPU N GAP_US": N NMIs on CPU, each waited for, a random 0..GAP_US
+ * apart, for at most 20 s. From another CPU they interrupt whatever CPU runs:
+ * task context, the middle of a delete, hard interrupts with IRQs disabled.
+ */
+static ssize_t lsdefer_nmi_storm_write(struct file *file, const char __user *ubuf,
+				       size_t len, loff_t *ppos)
+{
+	u64 deadline = ktime_get_ns() + 20 * NSEC_PER_SEC;
+	int v[3], i, err;
+	unsigned int cpu;
+
+	err = lsdefer_parse(ubuf, len, v, 3);
+	if (err)
+		return err;
+	if (v[0] < 0 || v[0] >= nr_cpu_ids || v[1] <= 0 || v[1] > 10000000 ||
+	    v[2] < 0 || v[2] > 100000)
+		return -EINVAL;
+	cpu = v[0];
+
+	mutex_lock(&lsdefer_nmi_lock);
+	cpus_read_lock();
+	if (!cpu_online(cpu)) {
+		err = -ENODEV;
+		goto out;
+	}
+	for (i = 0; i < v[1] && !err; i++) {
+		preempt_disable();
+		err = lsdefer_raise_nmi(cpu);
+		preempt_enable();
+		if (v[2])
+			udelay(get_random_u32_below(v[2] + 1));
+		cond_resched();
+		if (fatal_signal_pending(current))
+			err = -EINTR;
+		else if (ktime_get_ns() > deadline)
+			break;
+	}
+out:
+	cpus_read_unlock();
+	mutex_unlock(&lsdefer_nmi_lock);
+	return err ?: len;
+}
+
+static const struct file_operations lsdefer_nmi_fops = {
+	.owner = THIS_MODULE,
+	.write = lsdefer_nmi_write,
+	.llseek = noop_llseek,
+};
+
+static const struct file_operations lsdefer_nmi_storm_fops = {
+	.owner = THIS_MODULE,
+	.write = lsdefer_nmi_storm_write,
+	.llseek = noop_llseek,
+};
+#endif /* LSDEFER_HAVE_NMI */
+
+static int lsdefer_stats_show(struct seq_file *m, void *v)
+{
+	int i;
+
+	for (i = 0; i < LSDEFER_CNT_NR; i++)
+		seq_printf(m, "%s %lld\n", lsdefer_cnt_name[i],
+			   (long long)atomic64_read(&lsdefer_cnt[i]));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(lsdefer_stats);
+
+static struct dentry *lsdefer_dir;
+
+static int __init lsdefer_init(void)
+{
+	const struct btf_id_dtor_kfunc dtors[] = {
+		{
+			.btf_id		= lsdefer_dtor_ids[0],
+			.kfunc_btf_id	= lsdefer_dtor_ids[1],
+		},
+	};
+	int err;
+
+	err = register_btf_kfunc_id_set(BPF_PROG_TYPE_UNSPEC, &lsdefer_kfunc_set);
+	err = err ?: register_btf_id_dtor_kfuncs(dtors, ARRAY_SIZE(dtors),
+						 THIS_MODULE);
+	if (err)
+		return err;
+
+	lsdefer_dir = debugfs_create_dir(LSDEFER_MOD_NAME, NULL);
+	debugfs_create_file("stats", 0444, lsdefer_dir, NULL, &lsdefer_stats_fops);
+#ifdef LSDEFER_HAVE_NMI
+	err = register_nmi_handler(NMI_LOCAL, lsdefer_nmi_handler, 0,
+				   LSDEFER_MOD_NAME);
+	if (err) {
+		debugfs_remove(lsdefer_dir);
+		return err;
+	}
+	debugfs_create_file("nmi", 0200, lsdefer_dir, NULL, &lsdefer_nmi_fops);
+	debugfs_create_file("nmi_storm", 0200, lsdefer_dir, NULL,
+			    &lsdefer_nmi_storm_fops);
+#endif
+	return 0;
+}
+
+static void __exit lsdefer_exit(void)
+{
+	/* Writers hold a reference on the module: none is running. */
+	debugfs_remove(lsdefer_dir);
+#ifdef LSDEFER_HAVE_NMI
+	/* Waits for a running handler (synchronize_rcu()). */
+	unregister_nmi_handler(NMI_LOCAL, LSDEFER_MOD_NAME);
+#endif
+}
+
+module_init(lsdefer_init);
+module_exit(lsdefer_exit);
+
+MODULE_DESCRIPTION("Test support for the BPF local storage deferred-free selftests");
+MODULE_LICENSE("GPL");
