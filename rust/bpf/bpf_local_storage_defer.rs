@@ -119,7 +119,7 @@ use kernel::{
             RcuTasksTraceCallback, //
         },
         Mutex,
-        SetOnce,
+        SetOnce, //
     },
     time::{
         delay::fsleep,
@@ -420,7 +420,8 @@ impl<T: DeferFree> Engine<T> {
                 unsafe { st.work.queue() };
             }
             let outstanding = queued.wrapping_sub(st.stats.freed.load(Relaxed));
-            if outstanding <= isize::MAX as usize && outstanding > st.stats.max_pending.load(Relaxed)
+            if outstanding <= isize::MAX as usize
+                && outstanding > st.stats.max_pending.load(Relaxed)
             {
                 st.stats.max_pending.store(outstanding, Relaxed);
             }
@@ -596,9 +597,8 @@ impl DeferFree for Selem {
         let selem = obj.as_ptr().cast::<bindings::bpf_local_storage_elem>();
         // SAFETY: `selem` is valid and ours. No one writes `smap` of an unlinked element; READ_ONCE
         // as the C does with rcu_dereference_check().
-        let smap: *mut bindings::bpf_local_storage_map = unsafe {
-            kernel::sync::atomic::atomic_load(&raw mut (*selem).sdata.smap, Relaxed)
-        };
+        let smap: *mut bindings::bpf_local_storage_map =
+            unsafe { kernel::sync::atomic::atomic_load(&raw mut (*selem).sdata.smap, Relaxed) };
         if !smap.is_null() {
             // SAFETY: The map and its record outlive the elements queued for it:
             // bpf_local_storage_map_free() flushes the engine before it frees them. The grace
@@ -853,5 +853,593 @@ pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
     }
     if let Some(engine) = STORAGES.as_ref() {
         engine.flush();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// KUnit tests.
+// ---------------------------------------------------------------------------------------------
+
+/// Each test drives a private [`Engine`] with [`tests::TestObj`]s that count their frees and are
+/// poisoned when freed, so that a lost, double or early free shows up as a count, not a crash.
+/// Assertions run after the engine and the producers are torn down: a failed KUnit assertion
+/// ends the test thread without running destructors.
+#[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
+#[kunit_tests(bpf_local_storage_defer)]
+mod tests {
+    use super::*;
+    use kernel::{
+        alloc::KVVec,
+        impl_has_llist_node,
+        sync::{
+            rcu,
+            Arc, //
+        },
+        workqueue, //
+    };
+
+    const ALIVE: u32 = 0x0a11_ce00;
+    const POISON: u32 = 0xdead_beef;
+
+    /// What the frees of a pool add up to.
+    struct Counters {
+        freed: Atomic<usize>,
+        /// Frees of an object that was not alive: double frees.
+        bad: Atomic<usize>,
+    }
+
+    struct TestObj {
+        node: LListNode,
+        state: Atomic<u32>,
+        frees: Atomic<u32>,
+        counters: *const Counters,
+    }
+
+    // SAFETY: `counters` points to the `Counters` of the pool that owns the object, which
+    // outlives every use of the object; the other fields are atomics or owned by the engine.
+    unsafe impl Send for TestObj {}
+
+    // SAFETY: As above; shared access only reads `counters` and uses atomics.
+    unsafe impl Sync for TestObj {}
+
+    impl_has_llist_node! {
+        impl HasLListNode for TestObj { self.node }
+    }
+
+    impl DeferFree for TestObj {
+        unsafe fn free(obj: NonNull<Self>) {
+            // SAFETY: The pool owning `obj` outlives the engine that frees it.
+            let obj = unsafe { obj.as_ref() };
+            // SAFETY: As above, for the pool's counters.
+            let counters = unsafe { &*obj.counters };
+            if obj.state.xchg(POISON, Relaxed) != ALIVE {
+                counters.bad.fetch_add(1, Relaxed);
+            }
+            obj.frees.fetch_add(1, Relaxed);
+            counters.freed.fetch_add(1, Release);
+        }
+    }
+
+    /// Test objects; they are only "freed" (poisoned and counted), so they stay readable.
+    struct Pool {
+        counters: KBox<Counters>,
+        objs: KVVec<TestObj>,
+        cursor: Atomic<usize>,
+    }
+
+    impl Pool {
+        fn new(n: usize) -> Result<Pool> {
+            let counters = KBox::new(
+                Counters {
+                    freed: Atomic::new(0),
+                    bad: Atomic::new(0),
+                },
+                GFP_KERNEL,
+            )?;
+            let mut objs = KVVec::with_capacity(n, GFP_KERNEL)?;
+            for _ in 0..n {
+                objs.push(
+                    TestObj {
+                        node: LListNode::new(),
+                        state: Atomic::new(ALIVE),
+                        frees: Atomic::new(0),
+                        counters: &raw const *counters,
+                    },
+                    GFP_KERNEL,
+                )?;
+            }
+            Ok(Pool {
+                counters,
+                objs,
+                cursor: Atomic::new(0),
+            })
+        }
+
+        fn obj(&self, i: usize) -> Option<NonNull<TestObj>> {
+            self.objs.get(i).map(NonNull::from)
+        }
+
+        /// Hands out the next unused object, from any context.
+        fn claim(&self) -> Option<NonNull<TestObj>> {
+            self.obj(self.cursor.fetch_add(1, Relaxed))
+        }
+
+        fn freed(&self) -> usize {
+            self.counters.freed.load(Acquire)
+        }
+
+        fn bad(&self) -> usize {
+            self.counters.bad.load(Relaxed)
+        }
+
+        /// Whether every object in `range` was freed exactly once and is poisoned.
+        fn freed_once(&self, range: core::ops::Range<usize>) -> bool {
+            self.objs.get(range).is_some_and(|objs| {
+                objs.iter()
+                    .all(|o| o.frees.load(Relaxed) == 1 && o.state.load(Relaxed) == POISON)
+            })
+        }
+
+        /// Whether no object in `range` was freed.
+        fn none_freed(&self, range: core::ops::Range<usize>) -> bool {
+            self.objs.get(range).is_some_and(|objs| {
+                objs.iter()
+                    .all(|o| o.frees.load(Relaxed) == 0 && o.state.load(Relaxed) == ALIVE)
+            })
+        }
+    }
+
+    fn new_engine() -> Result<Pin<KBox<Engine<TestObj>>>> {
+        KBox::pin_init(Engine::<TestObj>::new(), GFP_KERNEL)
+    }
+
+    /// Queues `obj` on the current CPU.
+    fn queue(engine: &Engine<TestObj>, obj: NonNull<TestObj>) {
+        // SAFETY: Test objects are handed out once each (by index or by `Pool::claim`), their
+        // pool outlives the engine, and no reader finds them after this point.
+        unsafe { engine.queue(obj) };
+    }
+
+    /// Polls `cond` every 10 ms for up to `ms` milliseconds.
+    fn wait_until(mut cond: impl FnMut() -> bool, ms: u32) -> bool {
+        let mut waited = 0;
+        while !cond() {
+            if waited >= ms {
+                return false;
+            }
+            fsleep(Delta::from_millis(10));
+            waited += 10;
+        }
+        true
+    }
+
+    /// Marks the current test as skipped, with `reason` as its status comment.
+    fn skip(reason: &CStr) {
+        // SAFETY: FFI call without preconditions.
+        let test = unsafe { bindings::kunit_get_current_test() };
+        if test.is_null() {
+            return;
+        }
+        // SAFETY: `test` is the running test, which this thread owns.
+        unsafe {
+            (*test).status = bindings::kunit_status_KUNIT_SKIPPED;
+            let dst = &mut (*test).status_comment;
+            let src = reason.to_bytes();
+            let n = src.len().min(dst.len() - 1);
+            for (d, s) in dst.iter_mut().zip(&src[..n]) {
+                *d = *s as c_char;
+            }
+            dst[n] = 0;
+        }
+    }
+
+    // --- a. Producers in every context at once -------------------------------------------------
+
+    /// Shared by the stress producers, in an `Arc` so the worker can hold it.
+    struct Stress {
+        pool: Pool,
+        engine: Pin<KBox<Engine<TestObj>>>,
+        task: Atomic<usize>,
+        softirq: Atomic<usize>,
+        hardirq: Atomic<usize>,
+        nmi: Atomic<usize>,
+        /// NMIs sent and not yet taken by the handler.
+        nmi_armed: Atomic<usize>,
+        worker_done: Atomic<bool>,
+    }
+
+    impl Stress {
+        /// Queues up to `n` objects, counting them in `ctr`; returns how many.
+        fn produce(&self, n: usize, ctr: &Atomic<usize>) -> usize {
+            for k in 0..n {
+                let Some(obj) = self.pool.claim() else {
+                    return k;
+                };
+                ctr.fetch_add(1, Relaxed);
+                queue(&self.engine, obj);
+            }
+            n
+        }
+
+        /// Task context, then a bottom-halves-disabled section (softirq context).
+        fn produce_task_and_bh(&self, n: usize) -> usize {
+            let a = self.produce(n, &self.task);
+            // SAFETY: Task context; enabled again right below.
+            unsafe { bindings::local_bh_disable() };
+            let b = self.produce(n, &self.softirq);
+            // SAFETY: Pairs with the `local_bh_disable()` above.
+            unsafe { bindings::local_bh_enable() };
+            a + b
+        }
+    }
+
+    /// IPI callback: hard interrupt context on every online CPU.
+    unsafe extern "C" fn ipi_produce(info: *mut c_void) {
+        // SAFETY: `info` is the `Stress` the caller keeps alive until every IPI has run (wait).
+        let s = unsafe { &*info.cast::<Stress>() };
+        s.produce(16, &s.hardirq);
+    }
+
+    #[cfg(CONFIG_X86_LOCAL_APIC)]
+    mod nmi {
+        use super::*;
+
+        /// `NMI_DONE` and `NMI_HANDLED` of `<asm/nmi.h>`.
+        const NMI_DONE: c_int = 0;
+        const NMI_HANDLED: c_int = 1;
+        const NAME: &CStr = c"bpf_ls_defer_kunit";
+
+        pub(super) static STRESS: Atomic<*mut Stress> = Atomic::new(core::ptr::null_mut());
+
+        unsafe extern "C" fn handler(_type: c_uint, _regs: *mut bindings::pt_regs) -> c_int {
+            let s = STRESS.load(Acquire);
+            if s.is_null() {
+                return NMI_DONE;
+            }
+            // SAFETY: `STRESS` is cleared, and the handler unregistered (which waits for
+            // running handlers), before the `Stress` goes away.
+            let s = unsafe { &*s };
+            let mut armed = s.nmi_armed.load(Relaxed);
+            loop {
+                if armed == 0 {
+                    return NMI_DONE;
+                }
+                match s.nmi_armed.cmpxchg(armed, armed - 1, Relaxed) {
+                    Ok(_) => break,
+                    Err(now) => armed = now,
+                }
+            }
+            s.produce(8, &s.nmi);
+            NMI_HANDLED
+        }
+
+        fn nmi_local() -> Result<c_uint> {
+            c_uint::try_from(bindings::NMI_LOCAL).map_err(|_| EINVAL)
+        }
+
+        /// A registered `NMI_LOCAL` handler; unregistered on drop.
+        pub(super) struct Registration(KBox<bindings::nmiaction>);
+
+        impl Registration {
+            pub(super) fn new() -> Result<Self> {
+                let mut action: KBox<bindings::nmiaction> =
+                    KBox::new(pin_init::zeroed(), GFP_KERNEL)?;
+                action.handler = Some(handler);
+                action.name = NAME.as_char_ptr();
+                // SAFETY: `action.list` is valid for writes.
+                unsafe { bindings::INIT_LIST_HEAD(&raw mut action.list) };
+                // SAFETY: `action` is initialised and stays allocated until unregistered.
+                kernel::error::to_result(unsafe {
+                    bindings::__register_nmi_handler(nmi_local()?, &raw mut *action)
+                })?;
+                Ok(Self(action))
+            }
+        }
+
+        impl Drop for Registration {
+            fn drop(&mut self) {
+                if let Ok(t) = nmi_local() {
+                    // SAFETY: Registered in `new()` under `NAME`; this waits for running
+                    // handlers before `self.0` is freed.
+                    unsafe { bindings::unregister_nmi_handler(t, NAME.as_char_ptr()) };
+                }
+            }
+        }
+
+        /// Sends an NMI to every online CPU, this one included.
+        ///
+        /// `__apic_send_IPI_mask()` rather than `apic->send_IPI_self()`: in x2APIC mode the
+        /// latter writes the SELF IPI register, which only delivers fixed vectors.
+        pub(super) fn send_all(s: &Stress) -> Result {
+            let vector = c_int::try_from(bindings::NMI_VECTOR).map_err(|_| EINVAL)?;
+            let mut n = 0usize;
+            for cpu in percpu::possible_cpus() {
+                if percpu::cpu_online(cpu) {
+                    n += 1;
+                }
+            }
+            s.nmi_armed.fetch_add(n, Relaxed);
+            // SAFETY: The online mask is a valid cpumask; NMI_VECTOR with a mask selects NMI
+            // delivery in every APIC driver.
+            unsafe { bindings::__apic_send_IPI_mask(bindings::cpu_online_mask(), vector) };
+            Ok(())
+        }
+    }
+
+    /// Guards: a plain (non-atomic) list loses objects under concurrent and nested producers
+    /// (`freed_once` fails); an engine that frees from the producer, or whose flush misses a
+    /// handler half-way through a batch, or items no callback owns, leaves objects unfreed when
+    /// `flush()` returns (`freed == produced` fails); a double free fails `bad == 0`.
+    #[test]
+    fn producers_in_all_contexts() -> Result {
+        const N: usize = 8192;
+        let stress = Arc::new(
+            Stress {
+                pool: Pool::new(N)?,
+                engine: new_engine()?,
+                task: Atomic::new(0),
+                softirq: Atomic::new(0),
+                hardirq: Atomic::new(0),
+                nmi: Atomic::new(0),
+                nmi_armed: Atomic::new(0),
+                worker_done: Atomic::new(false),
+            },
+            GFP_KERNEL,
+        )?;
+        let sptr = (&raw const *stress).cast_mut();
+
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
+        let nmi_reg = nmi::Registration::new()?;
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
+        nmi::STRESS.store(sptr, Release);
+
+        // A second task, on whichever CPU the unbound workqueue picks.
+        let s2 = stress.clone();
+        workqueue::system_unbound().try_spawn(GFP_KERNEL, move || {
+            while s2.produce_task_and_bh(16) != 0 {
+                fsleep(Delta::from_micros(200));
+            }
+            s2.worker_done.store(true, Release);
+        })?;
+
+        loop {
+            let mut n = stress.produce_task_and_bh(16);
+            // SAFETY: `stress` outlives the call, which waits for every CPU's callback.
+            unsafe {
+                bindings::on_each_cpu_cond_mask(
+                    None,
+                    Some(ipi_produce),
+                    sptr.cast(),
+                    true,
+                    bindings::cpu_online_mask(),
+                )
+            };
+            #[cfg(CONFIG_X86_LOCAL_APIC)]
+            nmi::send_all(&stress)?;
+            n += stress.produce_task_and_bh(16);
+            if n == 0 && stress.pool.cursor.load(Relaxed) >= N {
+                break;
+            }
+            fsleep(Delta::from_micros(200));
+        }
+
+        let worker_done = wait_until(|| stress.worker_done.load(Acquire), 30_000);
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
+        {
+            // NMIs can merge; do not wait for ever for the last ones.
+            wait_until(|| stress.nmi_armed.load(Relaxed) == 0, 2_000);
+            nmi::STRESS.store(core::ptr::null_mut(), Release);
+            drop(nmi_reg);
+        }
+
+        let produced = stress.task.load(Relaxed)
+            + stress.softirq.load(Relaxed)
+            + stress.hardirq.load(Relaxed)
+            + stress.nmi.load(Relaxed);
+        stress.engine.flush();
+        // Read right after flush() returned: nothing may still be on its way.
+        let freed = stress.pool.freed();
+        let total = stress.engine.total_stats();
+
+        assert!(worker_done);
+        assert_eq!(produced, N);
+        assert_eq!(freed, produced);
+        assert!(stress.pool.freed_once(0..N));
+        assert_eq!(stress.pool.bad(), 0);
+        assert_eq!(total.queued, produced);
+        assert_eq!(total.freed, produced);
+        assert!(stress.task.load(Relaxed) > 0);
+        assert!(stress.softirq.load(Relaxed) > 0);
+        assert!(stress.hardirq.load(Relaxed) > 0);
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
+        assert!(stress.nmi.load(Relaxed) > 0);
+        Ok(())
+    }
+
+    // --- b. A sleeping Tasks Trace reader keeps its object --------------------------------------
+
+    /// Guards: an engine that waits for a regular RCU grace period (or none) frees the object
+    /// while the reader sleeps (`intact` fails); one that never frees fails `freed`.
+    #[test]
+    fn sleeping_reader_keeps_object() -> Result {
+        let pool = Pool::new(1)?;
+        let engine = new_engine()?;
+        let obj = pool.obj(0).ok_or(EINVAL)?;
+
+        let reader = rcu_tasks_trace::read_lock();
+        // The reader "found" the object before it was queued.
+        queue(&engine, obj);
+        let gp_started = wait_until(|| engine.total_stats().gps == 1, 5_000);
+        for _ in 0..3 {
+            rcu::synchronize_rcu();
+            fsleep(Delta::from_millis(20));
+        }
+        // SAFETY: The object belongs to `pool`, which is alive; freeing only poisons it.
+        let intact = unsafe { obj.as_ref() }.state.load(Relaxed) == ALIVE && pool.freed() == 0;
+        drop(reader);
+
+        let freed = wait_until(|| pool.freed() == 1, 30_000);
+        drop(engine);
+
+        assert!(gp_started);
+        assert!(intact);
+        assert!(freed);
+        assert!(pool.freed_once(0..1));
+        assert_eq!(pool.bad(), 0);
+        Ok(())
+    }
+
+    // --- c. Items queued during a grace period get the next one ---------------------------------
+
+    /// Guards: without the re-arm in the callback the second object is never freed (`freed`
+    /// fails, nothing else kicks the engine); an engine that adds it to the in-flight batch, or
+    /// starts a second grace period while one is in flight, fails `gps`.
+    #[test]
+    fn chained_grace_period() -> Result {
+        let pool = Pool::new(2)?;
+        let engine = new_engine()?;
+        let (obj0, obj1) = (pool.obj(0).ok_or(EINVAL)?, pool.obj(1).ok_or(EINVAL)?);
+
+        // SAFETY: Paired with `migrate_enable()` below; both objects go to one CPU.
+        unsafe { bindings::migrate_disable() };
+        let cpu = CpuId::current();
+        let stats = || engine.stats(cpu).unwrap_or_default();
+
+        // Hold the first grace period open.
+        let reader = rcu_tasks_trace::read_lock();
+        queue(&engine, obj0);
+        let first_gp = wait_until(|| stats().gps == 1, 5_000);
+        queue(&engine, obj1);
+        fsleep(Delta::from_millis(50));
+        let one_in_flight = stats().gps == 1 && pool.freed() == 0;
+        drop(reader);
+        // SAFETY: Pairs with `migrate_disable()` above.
+        unsafe { bindings::migrate_enable() };
+
+        // No producer and no flush from here on: only the chain can free `obj1`.
+        let freed = wait_until(|| pool.freed() == 2, 30_000);
+        let s = stats();
+        drop(engine);
+
+        assert!(first_gp);
+        assert!(one_in_flight);
+        assert!(freed);
+        assert_eq!(s.gps, 2);
+        assert_eq!(s.batches, 2);
+        assert_eq!(s.flushed, 0);
+        assert!(pool.freed_once(0..2));
+        assert_eq!(pool.bad(), 0);
+        Ok(())
+    }
+
+    // --- d. Flush and CPU hotplug ---------------------------------------------------------------
+
+    #[cfg(CONFIG_HOTPLUG_CPU)]
+    struct HotCtx<'a> {
+        pool: &'a Pool,
+        engine: &'a Engine<TestObj>,
+        n: usize,
+    }
+
+    /// IPI callback: queues `n` objects on the target CPU, in hard interrupt context.
+    #[cfg(CONFIG_HOTPLUG_CPU)]
+    unsafe extern "C" fn ipi_produce_on(info: *mut c_void) {
+        // SAFETY: `info` is a `HotCtx` on the caller's stack; the call waits for us.
+        let ctx = unsafe { &*info.cast::<HotCtx<'_>>() };
+        for _ in 0..ctx.n {
+            if let Some(obj) = ctx.pool.claim() {
+                queue(ctx.engine, obj);
+            }
+        }
+    }
+
+    /// Guards: a flush that skips offline CPUs leaves the stranded objects (`flushed_all`
+    /// fails), so does one that does not wait for the batches owners had taken; without the
+    /// hotplug kick the last objects are never freed (`kicked` fails).
+    #[test]
+    fn flush_and_cpu_hotplug() -> Result {
+        #[cfg(not(CONFIG_HOTPLUG_CPU))]
+        {
+            skip(c"needs CONFIG_HOTPLUG_CPU");
+            Ok(())
+        }
+        #[cfg(CONFIG_HOTPLUG_CPU)]
+        {
+            hotplug_body()
+        }
+    }
+
+    #[cfg(CONFIG_HOTPLUG_CPU)]
+    fn hotplug_body() -> Result {
+        const K: usize = 64;
+        let Some(target) = percpu::possible_cpus()
+            .filter(|c| c.as_u32() != 0 && percpu::cpu_online(*c))
+            .last()
+        else {
+            skip(c"needs a second online CPU");
+            return Ok(());
+        };
+        let pool = Pool::new(3 * K)?;
+        let engine = new_engine()?;
+
+        // Objects queued on the target by a real producer just before it goes away.
+        let ctx = HotCtx {
+            pool: &pool,
+            engine: &engine,
+            n: K,
+        };
+        // SAFETY: `ctx` outlives the call, which waits for the callback.
+        let ret = unsafe {
+            bindings::smp_call_function_single(
+                i32::try_from(target.as_u32())?,
+                Some(ipi_produce_on),
+                (&raw const ctx).cast_mut().cast(),
+                true,
+            )
+        };
+        kernel::error::to_result(ret)?;
+
+        // SAFETY: FFI call; the CPU is brought back below.
+        if unsafe { bindings::remove_cpu(target.as_u32()) } != 0 {
+            engine.flush();
+            drop(engine);
+            skip(c"remove_cpu() failed");
+            return Ok(());
+        }
+
+        // What an NMI producer on the dying CPU leaves: objects in its list, no irq_work.
+        for i in K..2 * K {
+            let obj = pool.obj(i).ok_or(EINVAL)?;
+            // SAFETY: As for `queue()`.
+            unsafe { engine.queue_offline(target, obj) };
+        }
+        pool.cursor.store(3 * K, Relaxed);
+        rcu_tasks_trace::synchronize_rcu_tasks_trace();
+        rcu_tasks_trace::synchronize_rcu_tasks_trace();
+        let stranded = pool.none_freed(K..2 * K);
+
+        engine.flush();
+        let flushed_all = pool.freed_once(0..2 * K);
+
+        // The same, picked up by the CPU hotplug "dead" kick instead of a flush.
+        for i in 2 * K..3 * K {
+            let obj = pool.obj(i).ok_or(EINVAL)?;
+            // SAFETY: As for `queue()`.
+            unsafe { engine.queue_offline(target, obj) };
+        }
+        engine.kick_cpu(target);
+        let kicked = wait_until(|| pool.freed() == 3 * K, 30_000);
+
+        // SAFETY: FFI call; brings back the CPU taken down above.
+        let back = unsafe { bindings::add_cpu(target.as_u32()) } == 0;
+        drop(engine);
+
+        assert!(stranded);
+        assert!(flushed_all);
+        assert!(kicked);
+        assert!(back);
+        assert!(pool.freed_once(0..3 * K));
+        assert_eq!(pool.bad(), 0);
+        Ok(())
     }
 }
