@@ -193,7 +193,7 @@ pub struct CpuStats {
 }
 
 impl CpuStats {
-    fn add(&mut self, o: &CpuStats) {
+    fn accumulate(&mut self, o: &CpuStats) {
         self.queued = self.queued.wrapping_add(o.queued);
         self.batches = self.batches.wrapping_add(o.batches);
         self.gps = self.gps.wrapping_add(o.gps);
@@ -518,7 +518,7 @@ impl<T: DeferFree> Engine<T> {
         let mut total = CpuStats::default();
         for cpu in percpu::possible_cpus() {
             if let Some(s) = self.stats(cpu) {
-                total.add(&s);
+                total.accumulate(&s);
             }
         }
         total
@@ -530,7 +530,7 @@ impl<T: DeferFree> Engine<T> {
     /// # Safety
     ///
     /// As for [`Engine::queue`].
-    #[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
+    #[cfg(all(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST, CONFIG_HOTPLUG_CPU))]
     unsafe fn queue_offline(&self, cpu: CpuId, obj: NonNull<T>) -> bool {
         let Some(st) = self.state(cpu) else {
             return false;
@@ -579,15 +579,11 @@ unsafe impl HasLListNode for Selem {
 
     #[inline]
     unsafe fn llist_node_container_of(ptr: *mut LListNode) -> *mut Self {
-        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid element.
-        let selem = unsafe {
-            kernel::container_of!(
-                LListNode::raw(ptr),
-                bindings::bpf_local_storage_elem,
-                __bindgen_anon_1.llnode
-            )
-        };
-        selem.cast()
+        // `llnode` is a member of the anonymous union: it starts where the union starts.
+        let offset = core::mem::offset_of!(bindings::bpf_local_storage_elem, __bindgen_anon_1);
+        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid element, which
+        // starts `offset` bytes before it.
+        unsafe { ptr.byte_sub(offset) }.cast()
     }
 }
 
@@ -635,15 +631,11 @@ unsafe impl HasLListNode for Storage {
 
     #[inline]
     unsafe fn llist_node_container_of(ptr: *mut LListNode) -> *mut Self {
-        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid storage.
-        let storage = unsafe {
-            kernel::container_of!(
-                LListNode::raw(ptr),
-                bindings::bpf_local_storage,
-                __bindgen_anon_1.llnode
-            )
-        };
-        storage.cast()
+        // `llnode` is a member of the anonymous union: it starts where the union starts.
+        let offset = core::mem::offset_of!(bindings::bpf_local_storage, __bindgen_anon_1);
+        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid storage, which
+        // starts `offset` bytes before it.
+        unsafe { ptr.byte_sub(offset) }.cast()
     }
 }
 
@@ -783,6 +775,10 @@ fn init() -> Result {
 }
 
 /// Creates the engines; called once from an initcall, before any map exists.
+///
+/// # Safety
+///
+/// Called from C; no requirement beyond being called once, from a context that may sleep.
 #[export]
 pub unsafe extern "C" fn bpf_local_storage_defer_init() -> c_int {
     match init() {
@@ -795,6 +791,10 @@ pub unsafe extern "C" fn bpf_local_storage_defer_init() -> c_int {
 }
 
 /// Returns `true` once the engines accept objects.
+///
+/// # Safety
+///
+/// Called from C; no requirement. It is `unsafe` because `#[export]` requires it.
 #[export]
 pub unsafe extern "C" fn bpf_local_storage_defer_ready() -> bool {
     SELEMS.as_ref().is_some() && STORAGES.as_ref().is_some()
@@ -845,7 +845,12 @@ pub unsafe extern "C" fn bpf_local_storage_free_deferred(
     true
 }
 
-/// Frees every element and storage queued before the call. Sleeps.
+/// Frees every element and storage queued before the call.
+///
+/// # Safety
+///
+/// Must be called from a context that may sleep, outside any Tasks Trace RCU read-side critical
+/// section.
 #[export]
 pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
     if let Some(engine) = SELEMS.as_ref() {
@@ -869,7 +874,6 @@ pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
 mod tests {
     use super::*;
     use kernel::{
-        alloc::KVVec,
         impl_has_llist_node,
         sync::{
             rcu,
@@ -981,6 +985,7 @@ mod tests {
         }
 
         /// Whether no object in `range` was freed.
+        #[cfg(CONFIG_HOTPLUG_CPU)]
         fn none_freed(&self, range: core::ops::Range<usize>) -> bool {
             self.objs.get(range).is_some_and(|objs| {
                 objs.iter()
@@ -1044,6 +1049,7 @@ mod tests {
         hardirq: Atomic<usize>,
         nmi: Atomic<usize>,
         /// NMIs sent and not yet taken by the handler.
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
         nmi_armed: Atomic<usize>,
         worker_done: Atomic<bool>,
     }
@@ -1125,7 +1131,7 @@ mod tests {
                 let mut action: KBox<bindings::nmiaction> =
                     KBox::new(pin_init::zeroed(), GFP_KERNEL)?;
                 action.handler = Some(handler);
-                action.name = NAME.as_char_ptr();
+                action.name = NAME.as_ptr().cast();
                 // SAFETY: `action.list` is valid for writes.
                 unsafe { bindings::INIT_LIST_HEAD(&raw mut action.list) };
                 // SAFETY: `action` is initialised and stays allocated until unregistered.
@@ -1141,7 +1147,7 @@ mod tests {
                 if let Ok(t) = nmi_local() {
                     // SAFETY: Registered in `new()` under `NAME`; this waits for running
                     // handlers before `self.0` is freed.
-                    unsafe { bindings::unregister_nmi_handler(t, NAME.as_char_ptr()) };
+                    unsafe { bindings::unregister_nmi_handler(t, NAME.as_ptr().cast()) };
                 }
             }
         }
@@ -1181,6 +1187,7 @@ mod tests {
                 softirq: Atomic::new(0),
                 hardirq: Atomic::new(0),
                 nmi: Atomic::new(0),
+                #[cfg(CONFIG_X86_LOCAL_APIC)]
                 nmi_armed: Atomic::new(0),
                 worker_done: Atomic::new(false),
             },

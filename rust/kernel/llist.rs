@@ -115,7 +115,6 @@ pub unsafe trait HasLListNode {
 /// use kernel::llist::{impl_has_llist_node, LListNode};
 ///
 /// struct Item {
-///     value: u64,
 ///     node: LListNode,
 /// }
 ///
