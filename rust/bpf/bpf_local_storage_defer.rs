@@ -706,12 +706,20 @@ impl fmt::Debug for StatsFile {
 }
 
 /// CPU hotplug "dead" callback: runs on a control CPU once `cpu` is gone.
+///
+/// # Safety
+///
+/// Called by the CPU hotplug core only.
 unsafe extern "C" fn cpu_dead(cpu: c_uint) -> c_int {
     kick_all(cpu);
     0
 }
 
 /// CPU hotplug "online" callback: runs on `cpu` once it is up.
+///
+/// # Safety
+///
+/// Called by the CPU hotplug core only.
 unsafe extern "C" fn cpu_online(cpu: c_uint) -> c_int {
     kick_all(cpu);
     0
@@ -1080,6 +1088,10 @@ mod tests {
     }
 
     /// IPI callback: hard interrupt context on every online CPU.
+    ///
+    /// # Safety
+    ///
+    /// `info` must point to a live [`Stress`].
     unsafe extern "C" fn ipi_produce(info: *mut c_void) {
         // SAFETY: `info` is the `Stress` the caller keeps alive until every IPI has run (wait).
         let s = unsafe { &*info.cast::<Stress>() };
@@ -1097,6 +1109,11 @@ mod tests {
 
         pub(super) static STRESS: Atomic<*mut Stress> = Atomic::new(core::ptr::null_mut());
 
+        /// The `NMI_LOCAL` handler: produces if an NMI of ours is expected.
+        ///
+        /// # Safety
+        ///
+        /// Called by the NMI core only.
         unsafe extern "C" fn handler(_type: c_uint, _regs: *mut bindings::pt_regs) -> c_int {
             let s = STRESS.load(Acquire);
             if s.is_null() {
@@ -1124,21 +1141,23 @@ mod tests {
         }
 
         /// A registered `NMI_LOCAL` handler; unregistered on drop.
-        pub(super) struct Registration(KBox<bindings::nmiaction>);
+        pub(super) struct Registration {
+            _action: KBox<bindings::nmiaction>,
+        }
 
         impl Registration {
             pub(super) fn new() -> Result<Self> {
                 let mut action: KBox<bindings::nmiaction> =
                     KBox::new(pin_init::zeroed(), GFP_KERNEL)?;
                 action.handler = Some(handler);
-                action.name = NAME.as_ptr().cast();
+                action.name = NAME.as_char_ptr();
                 // SAFETY: `action.list` is valid for writes.
                 unsafe { bindings::INIT_LIST_HEAD(&raw mut action.list) };
                 // SAFETY: `action` is initialised and stays allocated until unregistered.
                 kernel::error::to_result(unsafe {
                     bindings::__register_nmi_handler(nmi_local()?, &raw mut *action)
                 })?;
-                Ok(Self(action))
+                Ok(Self { _action: action })
             }
         }
 
@@ -1146,8 +1165,8 @@ mod tests {
             fn drop(&mut self) {
                 if let Ok(t) = nmi_local() {
                     // SAFETY: Registered in `new()` under `NAME`; this waits for running
-                    // handlers before `self.0` is freed.
-                    unsafe { bindings::unregister_nmi_handler(t, NAME.as_ptr().cast()) };
+                    // handlers before `self._action` is freed.
+                    unsafe { bindings::unregister_nmi_handler(t, NAME.as_char_ptr()) };
                 }
             }
         }
@@ -1349,6 +1368,10 @@ mod tests {
     }
 
     /// IPI callback: queues `n` objects on the target CPU, in hard interrupt context.
+    ///
+    /// # Safety
+    ///
+    /// `info` must point to a live [`HotCtx`].
     #[cfg(CONFIG_HOTPLUG_CPU)]
     unsafe extern "C" fn ipi_produce_on(info: *mut c_void) {
         // SAFETY: `info` is a `HotCtx` on the caller's stack; the call waits for us.

@@ -109,7 +109,7 @@ impl<T> PerCpu<T> {
             let slot = unsafe { bindings::per_cpu_ptr(ptr.as_ptr(), cpu.as_u32()) }.cast::<T>();
             // SAFETY: `slot` is valid, suitably aligned memory for a `T` that nobody else uses,
             // and it is never moved until it is dropped below or in `Drop`.
-            if let Err(e) = unsafe { init(cpu).__pinned_init(slot) } {
+            if let Err(e) = unsafe { pin_init::raw_try_init(slot, init(cpu)) } {
                 // Drop the slots initialised so far, in the same order.
                 for done in possible_cpus().take_while(|c| *c != cpu) {
                     // SAFETY: The slot of every CPU before `cpu` was initialised above.
