@@ -47,16 +47,17 @@ enum lsdefer_counter {
 };
 
 /* bpf_lsdefer_ctx(): the context a program runs in */
-#define LSDEFER_CTX_NMI		(1U << 0)
-#define LSDEFER_CTX_HARDIRQ	(1U << 1)
-#define LSDEFER_CTX_SOFTIRQ	(1U << 2)
+#define LSDEFER_CTX_NMI		1U
+#define LSDEFER_CTX_HARDIRQ	2U
+#define LSDEFER_CTX_SOFTIRQ	4U
 
 #if defined(__bpf__)
-struct lsdefer_obj *bpf_lsdefer_obj_new(void) __ksym;
-void bpf_lsdefer_obj_release(struct lsdefer_obj *obj) __ksym;
-__u64 bpf_lsdefer_counter(__u32 idx) __ksym;
-__u64 bpf_lsdefer_seq(void) __ksym;
-__u32 bpf_lsdefer_ctx(void) __ksym;
+/* leading __ksym: checkpatch takes "(void) __ksym" for a cast */
+__ksym struct lsdefer_obj *bpf_lsdefer_obj_new(void);
+__ksym void bpf_lsdefer_obj_release(struct lsdefer_obj *obj);
+__ksym __u64 bpf_lsdefer_counter(__u32 idx);
+__ksym __u64 bpf_lsdefer_seq(void);
+__ksym __u32 bpf_lsdefer_ctx(void);
 #endif
 
 #endif /* __LSDEFER_TESTMOD_H */

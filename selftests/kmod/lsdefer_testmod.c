@@ -20,6 +20,7 @@
 #include <linux/bpf.h>
 #include <linux/btf.h>
 #include <linux/btf_ids.h>
+#include <linux/cfi.h>
 #include <linux/cpu.h>
 #include <linux/cpumask.h>
 #include <linux/debugfs.h>
@@ -65,7 +66,7 @@ static void lsdefer_obj_destroy(struct lsdefer_obj *obj, bool dtor)
 	if (cmpxchg(&obj->magic, LSDEFER_OBJ_LIVE, LSDEFER_OBJ_DEAD) !=
 	    LSDEFER_OBJ_LIVE) {
 		atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_BAD]);
-		WARN_ONCE(1, "lsdefer_obj %px destroyed twice or corrupted\n", obj);
+		WARN_ONCE(1, "lsdefer_obj %p destroyed twice or corrupted\n", obj);
 		return;
 	}
 	if (dtor) {
@@ -104,6 +105,7 @@ __bpf_kfunc void bpf_lsdefer_obj_dtor(void *obj)
 {
 	lsdefer_obj_destroy(obj, true);
 }
+
 CFI_NOSEAL(bpf_lsdefer_obj_dtor);
 
 __bpf_kfunc u64 bpf_lsdefer_counter(u32 idx)
@@ -196,6 +198,7 @@ static int lsdefer_raise_nmi(unsigned int cpu)
 	/* The handler on @cpu must see the flag once the NMI is there. */
 	smp_mb();
 	__apic_send_IPI_mask(cpumask_of(cpu), NMI_VECTOR);
+	/* Pairs with the release in the handler. */
 	while (smp_load_acquire(armed)) {
 		if (ktime_get_ns() > deadline) {
 			/* Lost: a late NMI then finds nothing to do. */
@@ -271,7 +274,7 @@ static ssize_t lsdefer_nmi_storm_write(struct file *file, const char __user *ubu
 	if (err)
 		return err;
 	if (v[0] < 0 || v[0] >= nr_cpu_ids || v[1] <= 0 || v[1] > 10000000 ||
-	    v[2] < 0 || v[2] > 100000)
+	    v[2] < 0 || v[2] > 10000)
 		return -EINVAL;
 	cpu = v[0];
 

@@ -1,0 +1,272 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Free a local storage map while the elements just deleted from it still wait
+ * for their grace period.
+ *
+ * Freeing a deleted element reads its map's btf_record (bpf_obj_free_fields()
+ * for the kptr in the value). rcu_barrier_tasks_trace() in map free does not
+ * wait for elements that sit in the deferred-free engine's per-CPU lists, nor
+ * for a grace period chained by a callback: map free must flush the engine, or
+ * those elements are freed after the map, through a freed btf_record.
+ *
+ * Each round, user space creates task and cgroup storage maps and puts them
+ * in map-in-map slots; worker threads on every CPU trigger a tp_btf program
+ * that creates their values (each with a lsdefer_obj kptr) in every map.
+ * Then the program deletes half of the elements while user space deletes the
+ * other half with syscalls, and right away user space drops the maps: out of
+ * the slots, fds closed, so each map is freed a regular RCU grace period
+ * later. When the maps are freed (lsdefer_testmod's reference count, held
+ * through each map's btf_record, is back), every object created must have
+ * been destroyed, and the engine must have freed everything queued. A map
+ * free that does not flush fails here, or with a KASAN report in dmesg when
+ * the late frees touch the freed map.
+ */
+#define _GNU_SOURCE
+#include <test_progs.h>
+#include "cgroup_helpers.h"
+#include "ls_defer_helpers.h"
+#include "ls_defer_map_free.skel.h"
+
+#define CG_PATH		"/ls_defer_map_free"
+#define ROUNDS		20
+#define NR_WORKERS	8
+#define NR_SLOTS	4	/* as in progs/ls_defer_map_free.c */
+#define PROG_SLOTS	2
+#define MODE_OFF	0
+#define MODE_CREATE	1
+#define MODE_DELETE	2
+
+struct round_sync {
+	pthread_barrier_t start;
+	pthread_barrier_t done;
+	int ready;	/* the barriers are set up */
+	int quit;
+	int pidfd[NR_WORKERS];
+	int cpu[NR_WORKERS];
+	int err;
+};
+
+struct worker_arg {
+	struct round_sync *rs;
+	int idx;
+};
+
+/* One getppid() per step; the tp_btf program does the rest */
+static void *worker_main(void *arg)
+{
+	struct worker_arg *a = arg;
+	struct round_sync *rs = a->rs;
+
+	ls_pin_cpu(rs->cpu[a->idx]);
+	rs->pidfd[a->idx] = ls_self_pidfd();
+	if (rs->pidfd[a->idx] < 0)
+		rs->err = -errno;
+	while (!ls_load(&rs->ready))
+		usleep(1000);
+	if (ls_load(&rs->quit))
+		return NULL;
+	for (;;) {
+		pthread_barrier_wait(&rs->start);
+		if (ls_load(&rs->quit))
+			break;
+		syscall(SYS_getppid);
+		pthread_barrier_wait(&rs->done);
+	}
+	return NULL;
+}
+
+static void step(struct round_sync *rs)
+{
+	pthread_barrier_wait(&rs->start);
+	pthread_barrier_wait(&rs->done);
+}
+
+static int create_maps(struct ls_defer_map_free *skel, int *task_fds, int *cgrp_fds)
+{
+	LIBBPF_OPTS(bpf_map_create_opts, opts);
+	int outer_task = bpf_map__fd(skel->maps.outer_task);
+	int outer_cgrp = bpf_map__fd(skel->maps.outer_cgrp);
+	int i;
+
+	opts.btf_fd = bpf_object__btf_fd(skel->obj);
+	opts.btf_key_type_id = bpf_map__btf_key_type_id(skel->maps.inner_task);
+	opts.btf_value_type_id = bpf_map__btf_value_type_id(skel->maps.inner_task);
+	opts.map_flags = BPF_F_NO_PREALLOC;
+	for (i = 0; i < NR_SLOTS; i++) {
+		task_fds[i] = bpf_map_create(BPF_MAP_TYPE_TASK_STORAGE, "ls_round_task",
+					     sizeof(int), sizeof(struct ls_defer_uval), 0,
+					     &opts);
+		if (task_fds[i] < 0)
+			return -errno;
+		cgrp_fds[i] = bpf_map_create(BPF_MAP_TYPE_CGRP_STORAGE, "ls_round_cgrp",
+					     sizeof(int), sizeof(struct ls_defer_uval), 0,
+					     &opts);
+		if (cgrp_fds[i] < 0)
+			return -errno;
+		if (bpf_map_update_elem(outer_task, &i, &task_fds[i], BPF_ANY) ||
+		    bpf_map_update_elem(outer_cgrp, &i, &cgrp_fds[i], BPF_ANY))
+			return -errno;
+	}
+	return 0;
+}
+
+/* Out of the slots, fds closed: nothing holds the maps any more */
+static void drop_maps(struct ls_defer_map_free *skel, int *task_fds, int *cgrp_fds)
+{
+	int outer_task = bpf_map__fd(skel->maps.outer_task);
+	int outer_cgrp = bpf_map__fd(skel->maps.outer_cgrp);
+	int i;
+
+	for (i = 0; i < NR_SLOTS; i++) {
+		bpf_map_delete_elem(outer_task, &i);
+		bpf_map_delete_elem(outer_cgrp, &i);
+		if (task_fds[i] >= 0)
+			close(task_fds[i]);
+		if (cgrp_fds[i] >= 0)
+			close(cgrp_fds[i]);
+		task_fds[i] = -1;
+		cgrp_fds[i] = -1;
+	}
+}
+
+static void print_stats(const char *name, const struct ls_defer_stats *st)
+{
+	printf("%s: runs %llu created %llu create_fail %llu obj_fail %llu\n",
+	       name, st->runs, st->created, st->create_fail, st->obj_fail);
+	printf("%s: task del ok %llu enoent %llu busy %llu other %llu (%lld)\n",
+	       name, st->task_del[LS_RC_OK], st->task_del[LS_RC_ENOENT],
+	       st->task_del[LS_RC_BUSY], st->task_del[LS_RC_OTHER], st->other_err);
+	printf("%s: cgrp del ok %llu enoent %llu busy %llu other %llu\n",
+	       name, st->cgrp_del[LS_RC_OK], st->cgrp_del[LS_RC_ENOENT],
+	       st->cgrp_del[LS_RC_BUSY], st->cgrp_del[LS_RC_OTHER]);
+}
+
+void serial_test_ls_defer_map_free(void)
+{
+	int task_fds[NR_SLOTS], cgrp_fds[NR_SLOTS];
+	struct worker_arg args[NR_WORKERS];
+	struct ls_defer_map_free *skel = NULL;
+	int nr_cpus, cgroup_fd, refcnt, round, i, s, nth = 0, pending_rounds = 0;
+	pthread_t th[NR_WORKERS];
+	struct ls_defer_stats *cst, *dst;
+	struct round_sync rs = {};
+	struct ls_leak_ck ck;
+	bool barriers = false;
+	struct ls_engine e;
+
+	for (i = 0; i < NR_SLOTS; i++) {
+		task_fds[i] = -1;
+		cgrp_fds[i] = -1;
+	}
+	if (!lsdefer_ready())
+		return;
+	cgroup_fd = test__join_cgroup(CG_PATH);
+	if (!ASSERT_OK_FD(cgroup_fd, "join cgroup"))
+		return;
+	if (!ls_leak_begin(&ck))
+		goto out;
+	skel = ls_defer_map_free__open_and_load();
+	if (!ASSERT_OK_PTR(skel, "ls_defer_map_free__open_and_load"))
+		goto out;
+	cst = &skel->bss->create_st;
+	dst = &skel->bss->delete_st;
+	skel->bss->target_tgid = getpid();
+	skel->bss->trigger_nr = SYS_getppid;
+	if (!ASSERT_OK(ls_defer_map_free__attach(skel), "attach"))
+		goto out;
+	/* What the templates, the outer maps and the program hold */
+	refcnt = lsdefer_refcnt();
+
+	nr_cpus = ls_nr_cpus();
+	for (i = 0; i < NR_WORKERS; i++) {
+		rs.cpu[i] = i % nr_cpus;
+		rs.pidfd[i] = -1;
+		args[i].rs = &rs;
+		args[i].idx = i;
+		if (!ASSERT_OK(pthread_create(&th[i], NULL, worker_main, &args[i]),
+			       "pthread_create"))
+			break;
+		nth++;
+	}
+	if (nth < NR_WORKERS ||
+	    !ASSERT_OK(pthread_barrier_init(&rs.start, NULL, NR_WORKERS + 1), "barrier") ||
+	    !ASSERT_OK(pthread_barrier_init(&rs.done, NULL, NR_WORKERS + 1), "barrier")) {
+		ls_store(&rs.quit, 1);
+		ls_store(&rs.ready, 1);
+		goto out;
+	}
+	barriers = true;
+	ls_store(&rs.ready, 1);
+
+	for (round = 0; round < ROUNDS; round++) {
+		if (!ASSERT_OK(create_maps(skel, task_fds, cgrp_fds), "create the round's maps"))
+			goto out;
+
+		skel->bss->mode = MODE_CREATE;
+		step(&rs);
+		if (!ASSERT_OK(rs.err, "worker pidfd") ||
+		    !ASSERT_EQ(cst->created, (__u64)(round + 1) * NR_WORKERS * NR_SLOTS * 2,
+			       "values created"))
+			goto out;
+
+		/* The program deletes half, syscalls the other half, at the same time */
+		skel->bss->mode = MODE_DELETE;
+		pthread_barrier_wait(&rs.start);
+		for (s = PROG_SLOTS; s < NR_SLOTS; s++) {
+			for (i = 0; i < NR_WORKERS; i++)
+				ASSERT_OK(bpf_map_delete_elem(task_fds[s], &rs.pidfd[i]),
+					  "syscall delete task storage");
+			ASSERT_OK(bpf_map_delete_elem(cgrp_fds[s], &cgroup_fd),
+				  "syscall delete cgroup storage");
+		}
+		pthread_barrier_wait(&rs.done);
+		skel->bss->mode = MODE_OFF;
+
+		/* and free the maps right away */
+		drop_maps(skel, task_fds, cgrp_fds);
+		if (!ls_engine_read(&e) && e.selem_queued != e.selem_freed)
+			pending_rounds++;
+
+		if (!ASSERT_TRUE(ls_wait_refcnt(refcnt, 30000), "the round's maps freed"))
+			goto out;
+		if (!ls_check_freed(&ck, "every object destroyed by the time its map is freed")) {
+			printf("%s: round %d\n", __func__, round);
+			goto out;
+		}
+	}
+	printf("%s: %d of %d rounds dropped their maps with deletes still queued\n",
+	       __func__, pending_rounds, ROUNDS);
+	print_stats("create", cst);
+	print_stats("delete", dst);
+	ASSERT_EQ(dst->task_del[LS_RC_OK] + dst->task_del[LS_RC_BUSY],
+		  ROUNDS * NR_WORKERS * PROG_SLOTS, "program task storage deletes");
+	ASSERT_EQ(dst->cgrp_del[LS_RC_OK] + dst->cgrp_del[LS_RC_BUSY],
+		  ROUNDS * PROG_SLOTS, "program cgroup storage deletes");
+	ASSERT_EQ(dst->task_del[LS_RC_OTHER] + dst->cgrp_del[LS_RC_OTHER], 0,
+		  "program delete: unexpected error");
+	ASSERT_EQ(cst->create_fail + cst->obj_fail, 0, "program create failures");
+out:
+	if (skel)
+		skel->bss->mode = MODE_OFF;
+	if (nth) {
+		ls_store(&rs.quit, 1);
+		/* the workers wait at start (or never got to the barriers) */
+		if (barriers)
+			pthread_barrier_wait(&rs.start);
+		for (i = 0; i < nth; i++)
+			pthread_join(th[i], NULL);
+		for (i = 0; i < nth; i++)
+			if (rs.pidfd[i] >= 0)
+				close(rs.pidfd[i]);
+	}
+	if (barriers) {
+		pthread_barrier_destroy(&rs.start);
+		pthread_barrier_destroy(&rs.done);
+	}
+	if (skel) {
+		drop_maps(skel, task_fds, cgrp_fds);
+		ls_defer_map_free__destroy(skel);
+		ls_leak_end(&ck);
+	}
+	close(cgroup_fd);
+}

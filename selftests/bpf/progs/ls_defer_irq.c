@@ -1,0 +1,160 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * Delete (and re-create) task and cgroup local storage from NMI and hard
+ * interrupt programs, while task-context programs and syscalls of the same
+ * process delete and re-create the same storage on every CPU. Every value
+ * holds a referenced kptr whose destructor lsdefer_testmod counts, so user
+ * space can check that each value was freed exactly once.
+ *
+ * Used by prog_tests/ls_defer_nmi.c and prog_tests/ls_defer_hardirq.c.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include "ls_defer.h"
+
+char _license[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ls_defer_val);
+} task_map SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_CGRP_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ls_defer_val);
+} cgrp_map SEC(".maps");
+
+/* Only threads of this process are touched. */
+int target_tgid;
+/* The interrupt programs also delete the cgroup storage of current. */
+bool irq_cgrp;
+/* The interrupt programs re-create what they deleted. */
+bool irq_recreate;
+/* tp_btf: each syscall of the target deletes and re-creates its storage. */
+bool sys_churn;
+/* Only this syscall number triggers sys_churn (-1: any). */
+long sys_churn_nr = -1;
+/* The cgroup SEC("syscall") fill creates storage for. */
+u64 fill_cgid;
+
+struct ls_defer_stats nmi_st;	/* fentry on the NMI handler's hook */
+struct ls_defer_stats perf_st;	/* perf_event: NMI (hw) or hardirq (cpu-clock) */
+struct ls_defer_stats sys_st;	/* tp_btf/sys_enter, task context */
+struct ls_defer_stats fill_st;	/* SEC("syscall") fill */
+
+static __always_inline bool is_target(struct task_struct *task)
+{
+	return target_tgid && task->tgid == target_tgid;
+}
+
+/* Runs in NMI or hard interrupt context: delete, then maybe re-create. */
+static __always_inline void irq_delete(struct ls_defer_stats *st, int arg_nmi)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct cgroup *cgrp;
+	u32 ctx;
+	long rc;
+
+	if (!is_target(task)) {
+		__sync_fetch_and_add(&st->foreign, 1);
+		return;
+	}
+	ctx = bpf_lsdefer_ctx();
+	__sync_fetch_and_add(&st->runs, 1);
+	if (ctx & LSDEFER_CTX_NMI)
+		__sync_fetch_and_add(&st->in_nmi, 1);
+	else if (ctx & LSDEFER_CTX_HARDIRQ)
+		__sync_fetch_and_add(&st->in_hardirq, 1);
+	if (arg_nmi)
+		__sync_fetch_and_add(&st->arg_nmi, 1);
+
+	rc = bpf_task_storage_delete(&task_map, task);
+	ls_count(st->task_del, &st->other_err, rc);
+	if (irq_recreate)
+		ls_fill(st, bpf_task_storage_get(&task_map, task, 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE));
+	if (!irq_cgrp)
+		return;
+
+	cgrp = task->cgroups->dfl_cgrp;
+	rc = bpf_cgrp_storage_delete(&cgrp_map, cgrp);
+	ls_count(st->cgrp_del, &st->other_err, rc);
+	if (irq_recreate)
+		ls_fill(st, bpf_cgrp_storage_get(&cgrp_map, cgrp, 0,
+						 BPF_LOCAL_STORAGE_GET_F_CREATE));
+}
+
+/* lsdefer_testmod's NMI handler calls bpf_lsdefer_nmi_target(in_nmi()). */
+SEC("fentry/bpf_lsdefer_nmi_target")
+int BPF_PROG(nmi_delete, int in_nmi)
+{
+	irq_delete(&nmi_st, in_nmi);
+	return 0;
+}
+
+SEC("perf_event")
+int perf_delete(void *ctx)
+{
+	irq_delete(&perf_st, 0);
+	return 0;
+}
+
+/*
+ * Task context, preemptible, interruptible: delete and re-create the task
+ * and cgroup storage on each syscall of the target. Unlike the bpf() syscall
+ * (bpf_disable_instrumentation() sets bpf_prog_active), a tracing program
+ * leaves perf_event programs free to run from an interrupt that lands in the
+ * middle of its delete.
+ */
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_churn, struct pt_regs *regs, long id)
+{
+	struct task_struct *task;
+	struct cgroup *cgrp;
+	long rc;
+
+	if (!sys_churn || (sys_churn_nr >= 0 && id != sys_churn_nr))
+		return 0;
+	task = bpf_get_current_task_btf();
+	if (!is_target(task))
+		return 0;
+	__sync_fetch_and_add(&sys_st.runs, 1);
+
+	rc = bpf_task_storage_delete(&task_map, task);
+	ls_count(sys_st.task_del, &sys_st.other_err, rc);
+	ls_fill(&sys_st, bpf_task_storage_get(&task_map, task, 0,
+					      BPF_LOCAL_STORAGE_GET_F_CREATE));
+
+	cgrp = task->cgroups->dfl_cgrp;
+	rc = bpf_cgrp_storage_delete(&cgrp_map, cgrp);
+	ls_count(sys_st.cgrp_del, &sys_st.other_err, rc);
+	ls_fill(&sys_st, bpf_cgrp_storage_get(&cgrp_map, cgrp, 0,
+					      BPF_LOCAL_STORAGE_GET_F_CREATE));
+	return 0;
+}
+
+/* Create the caller's task storage and fill_cgid's cgroup storage. */
+SEC("syscall")
+int fill(void *ctx)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct cgroup *cgrp;
+
+	__sync_fetch_and_add(&fill_st.runs, 1);
+	ls_fill(&fill_st, bpf_task_storage_get(&task_map, task, 0,
+					       BPF_LOCAL_STORAGE_GET_F_CREATE));
+	cgrp = bpf_cgroup_from_id(fill_cgid);
+	if (!cgrp) {
+		__sync_fetch_and_add(&fill_st.create_fail, 1);
+		return 0;
+	}
+	ls_fill(&fill_st, bpf_cgrp_storage_get(&cgrp_map, cgrp, 0,
+					       BPF_LOCAL_STORAGE_GET_F_CREATE));
+	bpf_cgroup_release(cgrp);
+	return 0;
+}
