@@ -20,9 +20,18 @@
  * been destroyed, and the engine must have freed everything queued. A map
  * free that does not flush fails here, or with a KASAN report in dmesg when
  * the late frees touch the freed map.
+ *
+ * In every other round a sleepable program sleeps in a Tasks Trace RCU
+ * read-side critical section from before the first delete until after the
+ * maps are dropped: no grace period can end, so every deleted element is
+ * still queued when map free runs (it waits for the reader, then must free
+ * them all, not only the batch whose grace period was in flight).
  */
 #define _GNU_SOURCE
 #include <test_progs.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <linux/userfaultfd.h>
 #include "cgroup_helpers.h"
 #include "ls_defer_helpers.h"
 #include "ls_defer_map_free.skel.h"
@@ -129,6 +138,75 @@ static void drop_maps(struct ls_defer_map_free *skel, int *task_fds, int *cgrp_f
 	}
 }
 
+/* A sleepable program that holds Tasks Trace RCU until release_reader() */
+struct reader {
+	struct ls_defer_map_free *skel;
+	pthread_t thread;
+	void *page;
+	int uffd;
+	int err;
+	bool started;
+};
+
+static void *reader_main(void *arg)
+{
+	LIBBPF_OPTS(bpf_test_run_opts, opts);
+	struct reader *r = arg;
+
+	r->err = bpf_prog_test_run_opts(bpf_program__fd(r->skel->progs.hold), &opts);
+	return NULL;
+}
+
+static bool hold_reader(struct reader *r, struct ls_defer_map_free *skel)
+{
+	struct pollfd pfd = { .events = POLLIN };
+	struct uffd_msg msg;
+
+	memset(r, 0, sizeof(*r));
+	r->skel = skel;
+	r->uffd = -1;
+	r->page = mmap(NULL, getpagesize(), PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!ASSERT_NEQ(r->page, MAP_FAILED, "mmap"))
+		return false;
+	r->uffd = uffd_block_page(r->page);
+	if (!ASSERT_OK_FD(r->uffd, "userfaultfd"))
+		return false;
+	skel->bss->fault_addr = r->page;
+	if (!ASSERT_OK(pthread_create(&r->thread, NULL, reader_main, r), "pthread_create"))
+		return false;
+	r->started = true;
+	pfd.fd = r->uffd;
+	return ASSERT_EQ(poll(&pfd, 1, 30000), 1, "reader asleep") &&
+	       ASSERT_EQ(read(r->uffd, &msg, sizeof(msg)), sizeof(msg), "read uffd") &&
+	       ASSERT_EQ(msg.event, UFFD_EVENT_PAGEFAULT, "uffd pagefault");
+}
+
+static void release_reader(struct reader *r)
+{
+	struct uffdio_copy copy = {};
+	char *src;
+
+	if (r->uffd >= 0) {
+		src = calloc(1, getpagesize());
+		copy.dst = (unsigned long)r->page;
+		copy.src = (unsigned long)src;
+		copy.len = getpagesize();
+		ASSERT_OK(src ? ioctl(r->uffd, UFFDIO_COPY, &copy) : -ENOMEM, "uffd copy");
+		free(src);
+		close(r->uffd);
+		r->uffd = -1;
+	}
+	if (r->started) {
+		pthread_join(r->thread, NULL);
+		ASSERT_OK(r->err, "reader test_run");
+		r->started = false;
+	}
+	if (r->page && r->page != MAP_FAILED)
+		munmap(r->page, getpagesize());
+	r->page = NULL;
+}
+
 static void print_stats(const char *name, const struct ls_defer_stats *st)
 {
 	printf("%s: runs %llu created %llu create_fail %llu obj_fail %llu\n",
@@ -147,6 +225,8 @@ void serial_test_ls_defer_map_free(void)
 	struct worker_arg args[NR_WORKERS];
 	struct ls_defer_map_free *skel = NULL;
 	int nr_cpus, cgroup_fd, refcnt, round, i, s, nth = 0, pending_rounds = 0;
+	int waited_rounds = 0;
+	struct reader rd = {};
 	pthread_t th[NR_WORKERS];
 	struct ls_defer_stats *cst, *dst;
 	struct round_sync rs = {};
@@ -158,6 +238,7 @@ void serial_test_ls_defer_map_free(void)
 		task_fds[i] = -1;
 		cgrp_fds[i] = -1;
 	}
+	rd.uffd = -1;
 	if (!lsdefer_ready())
 		return;
 	cgroup_fd = test__join_cgroup(CG_PATH);
@@ -199,6 +280,10 @@ void serial_test_ls_defer_map_free(void)
 	ls_store(&rs.ready, 1);
 
 	for (round = 0; round < ROUNDS; round++) {
+		bool hold = !(round & 1);
+
+		if (hold && !hold_reader(&rd, skel))
+			goto out;
 		if (!ASSERT_OK(create_maps(skel, task_fds, cgrp_fds), "create the round's maps"))
 			goto out;
 
@@ -226,6 +311,13 @@ void serial_test_ls_defer_map_free(void)
 		drop_maps(skel, task_fds, cgrp_fds);
 		if (!ls_engine_read(&e) && e.selem_queued != e.selem_freed)
 			pending_rounds++;
+		if (hold) {
+			/* let map free start and wait for the reader, then let it go */
+			usleep(50000);
+			if (lsdefer_refcnt() > refcnt)
+				waited_rounds++;
+			release_reader(&rd);
+		}
 
 		if (!ASSERT_TRUE(ls_wait_refcnt(refcnt, 30000), "the round's maps freed"))
 			goto out;
@@ -236,6 +328,8 @@ void serial_test_ls_defer_map_free(void)
 	}
 	printf("%s: %d of %d rounds dropped their maps with deletes still queued\n",
 	       __func__, pending_rounds, ROUNDS);
+	printf("%s: %d of %d rounds' map frees waited for the sleeping reader\n",
+	       __func__, waited_rounds, (ROUNDS + 1) / 2);
 	print_stats("create", cst);
 	print_stats("delete", dst);
 	ASSERT_EQ(dst->task_del[LS_RC_OK] + dst->task_del[LS_RC_BUSY],
@@ -246,6 +340,7 @@ void serial_test_ls_defer_map_free(void)
 		  "program delete: unexpected error");
 	ASSERT_EQ(cst->create_fail + cst->obj_fail, 0, "program create failures");
 out:
+	release_reader(&rd);
 	if (skel)
 		skel->bss->mode = MODE_OFF;
 	if (nth) {

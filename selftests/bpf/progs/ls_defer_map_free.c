@@ -3,7 +3,9 @@
  * Create and delete task and cgroup local storage in maps that user space
  * swaps in through map-in-map slots, so that a map can be freed as soon as
  * user space lets it go, right after deletes from programs and syscalls.
- * Used by prog_tests/ls_defer_map_free.c.
+ * SEC("syscall") hold sleeps in a Tasks Trace RCU read-side critical section
+ * for as long as user space wants, so that no Tasks Trace grace period can
+ * end meanwhile. Used by prog_tests/ls_defer_map_free.c.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -54,6 +56,18 @@ long trigger_nr = -1;
 
 struct ls_defer_stats create_st;
 struct ls_defer_stats delete_st;
+
+/* hold blocks in bpf_copy_from_user() for as long as user space wants */
+void *fault_addr;
+
+SEC("syscall")
+int hold(void *ctx)
+{
+	char dst;
+
+	bpf_copy_from_user(&dst, sizeof(dst), fault_addr);
+	return 0;
+}
 
 SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter_round, struct pt_regs *regs, long id)
