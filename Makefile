@@ -26,15 +26,16 @@ help:
 setup:
 	@$(S)/setup.sh
 
+# tree, overlay, config and build run under one lock (scripts/locked.sh):
+# rewriting the tree under a running build would corrupt it.
 tree:
-	@$(S)/tree.sh
-	@$(S)/overlay.sh
+	@$(S)/locked.sh bash -c '$(S)/tree.sh && $(S)/overlay.sh'
 
-config: tree
-	@$(S)/configure.sh
+config:
+	@$(S)/locked.sh bash -c '$(S)/tree.sh && $(S)/overlay.sh && $(S)/configure.sh'
 
-build: config
-	@$(S)/build.sh
+build:
+	@$(S)/locked.sh bash -c '$(S)/tree.sh && $(S)/overlay.sh && $(S)/configure.sh && $(S)/build.sh'
 
 vm:
 	@$(S)/run-vm.sh

@@ -19,11 +19,7 @@ jobs=${JOBS:-$(nproc)}
 log=$obj/build.log
 every=${PROGRESS_SECS:-60}
 
-exec 9>"$CACHE/build.lock"
-if ! flock -n 9; then
-	info "waiting for another kernel build to finish ($CACHE/build.lock)"
-	flock 9
-fi
+[ "${LSDEFER_LOCKED:-}" = 1 ] || exec "$REPO/scripts/locked.sh" "$0" "$@"
 
 make -s -C "$tree" O="$obj" "${mk[@]}" rustavailable >/dev/null 2>&1 ||
 	die "make rustavailable says no: $(make -C "$tree" O="$obj" "${mk[@]}" rustavailable 2>&1 | tail -3)"

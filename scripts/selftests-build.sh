@@ -19,11 +19,7 @@ st=$tree/tools/testing/selftests/bpf
 mapfile -t mk < <(kmake_vars)
 log=$obj/selftests-build.log
 
-exec 9>"$CACHE/build.lock"
-if ! flock -n 9; then
-	info "waiting for another build to finish ($CACHE/build.lock)"
-	flock 9
-fi
+[ "${LSDEFER_LOCKED:-}" = 1 ] || exec "$REPO/scripts/locked.sh" "$0" "$@"
 
 # Bookworm's clang-19 predates the default of newer clangs; libarena's BPF
 # objects use v4 instructions, so build them with -mcpu=v4 explicitly.
