@@ -84,11 +84,13 @@ def replace(text, old, new, what):
 # --- broken-1: plain per-CPU list on the producer side -----------------------
 
 ADD_PLAIN = '''
-    /// Adds `item` with plain loads and stores, as `hlist_add_head()` on a per-CPU list does.
+    /// Adds `item` with plain loads and stores, in the shape of `hlist_add_head()` on a per-CPU
+    /// `hlist_head`: load the head, link the node, touch the old first node (`first->pprev`),
+    /// store the head.
     ///
     /// BROKEN on purpose (selftests/broken): an interrupt or NMI that adds to, or takes, the
-    /// same list between the load of `first` and the store of the new head is lost or its items
-    /// are both taken and still listed.
+    /// same list between the load of `first` and the store of the new head is lost, or the items
+    /// it took stay listed.
     ///
     /// # Safety
     ///
@@ -102,6 +104,15 @@ ADD_PLAIN = '''
         let first = unsafe { ptr::read_volatile(&raw const (*head).first) };
         // SAFETY: `node` is a valid node that the caller hands over.
         unsafe { ptr::write_volatile(&raw mut (*node).next, first) };
+        if !first.is_null() {
+            // `hlist_add_head()` stores `first->pprev` here; an `llist_node` has no `pprev`, so
+            // rewrite `first->next` in place instead.
+            // SAFETY: `first` was the list's first node when we loaded it.
+            unsafe {
+                let next = ptr::read_volatile(&raw const (*first).next);
+                ptr::write_volatile(&raw mut (*first).next, next);
+            }
+        }
         // SAFETY: As above. A plain store: whatever was added or taken meanwhile is lost.
         unsafe { ptr::write_volatile(&raw mut (*head).first, node) };
         first.is_null()
