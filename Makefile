@@ -4,21 +4,22 @@
 #   make test      everything CI checks: lint, then vmtest on x86_64
 #   make vmtest    set up, overlay, configure, build, boot, run KUnit, report
 #
-# Steps, each usable alone: setup tree config build vm report lint
+# Steps, each usable alone: setup tree config build selftests vm report lint
 # Variables: ARCH=x86_64|arm64  KDIR=/path/to/linux  BASELINE=1
 #            SANITIZE=kasan  ACCEL=kvm|tcg  VM_TIMEOUT=secs  JOBS=n
+#            TESTS=test[,test]  SELFTESTS=0 (KUnit only)  TEST_MAPS=1
 #            LSDEFER_CACHE=dir (default ~/.cache/lsdefer)
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-export ARCH KDIR BASELINE SANITIZE ACCEL VM_TIMEOUT JOBS LSDEFER_CACHE TESTS
+export ARCH KDIR BASELINE SANITIZE ACCEL VM_TIMEOUT JOBS LSDEFER_CACHE TESTS SELFTESTS TEST_MAPS
 
 S := scripts
 LIB := source $(S)/lib.sh
 
-.PHONY: help setup tree config build vm report vmtest lint test clean
+.PHONY: help setup tree config build selftests vm report vmtest lint test clean
 
 help:
 	@sed -n '3,11p' Makefile | sed 's/^# \{0,1\}//'
@@ -37,6 +38,10 @@ config:
 build:
 	@$(S)/locked.sh bash -c '$(S)/tree.sh && $(S)/overlay.sh && $(S)/configure.sh && $(S)/build.sh'
 
+# The BPF selftests (test_progs, test_maps, test modules) for the built kernel.
+selftests:
+	@$(S)/locked.sh $(S)/selftests-build.sh
+
 vm:
 	@$(S)/run-vm.sh
 
@@ -52,6 +57,7 @@ report:
 vmtest: setup
 	@start=$$(date +%s); \
 	$(MAKE) -s --no-print-directory build; \
+	[ "$${SELFTESTS:-1}" = 0 ] || $(MAKE) -s --no-print-directory selftests; \
 	vmrc=0; $(MAKE) -s --no-print-directory vm || vmrc=$$?; \
 	$(MAKE) -s --no-print-directory report || vmrc=1; \
 	echo "==> vmtest took $$(( $$(date +%s) - start ))s"; \

@@ -46,6 +46,26 @@ esac
 
 rm -rf "$out"
 mkdir -p "$out"
+
+# Selftests, when built (scripts/selftests-build.sh): the existing local
+# storage tests, plus ours unless BASELINE=1; TESTS= replaces the list.
+st=$(tree_dir)/tools/testing/selftests/bpf
+if [ "${SELFTESTS:-1}" != 0 ] && [ -x "$st/test_progs" ]; then
+	lists=("$REPO/selftests/local-storage.tests")
+	[ "$BASELINE" = 1 ] || lists+=("$REPO/selftests/lsdefer.tests")
+	allow=${TESTS:-$(cat "${lists[@]}" 2>/dev/null | grep -v '^#' | grep . | paste -sd, -)}
+	kmods=
+	[ "$BASELINE" = 1 ] || kmods=$(find "$obj/lsdefer-kmod" -name '*.ko' 2>/dev/null | sort | tr '\n' ' ')
+	cat >"$out/guest.env" <<-ENV
+		SELFTESTS_DIR=$st
+		TEST_PROGS_ALLOW=$allow
+		TEST_MAPS=${TEST_MAPS:-0}
+		KMODS="$kmods"
+	ENV
+	info "selftests: test_progs -a $allow${kmods:+ (modules: $kmods)}"
+elif [ "${SELFTESTS:-1}" != 0 ]; then
+	info "selftests not built ($st/test_progs missing): KUnit only"
+fi
 vngargs=(--run "$image" --cpus "${VM_CPUS:-2}" --memory "${VM_MEM:-2G}"
 	--rwdir "$out" --cwd "$REPO"
 	--append "log_buf_len=16M loglevel=4")
