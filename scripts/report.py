@@ -55,7 +55,7 @@ def kunit_results(tree, dmesg, out):
     kunit_py = os.path.join(tree, "tools/testing/kunit/kunit.py")
     jpath = os.path.join(out, "kunit.json")
     proc = subprocess.run(
-        [sys.executable, kunit_py, "parse", "--json", jpath, dmesg],
+        [sys.executable, kunit_py, "parse", dmesg, "--json=" + jpath],
         capture_output=True, text=True, check=False)
     with open(os.path.join(out, "kunit-parse.txt"), "w", encoding="utf-8") as f:
         f.write(proc.stdout + proc.stderr)

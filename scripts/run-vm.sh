@@ -34,9 +34,16 @@ probe_kvm() {
 		grep -q -m1 'Kernel panic\|VFS: Unable to mount root'
 }
 
+# The probe result is kept per host boot (it costs up to 25 s when KVM hangs).
 accel=${ACCEL:-}
-if [ -z "$accel" ]; then
+probe_cache=$CACHE/kvm-probe.$(cat /proc/sys/kernel/random/boot_id)
+if [ -z "$accel" ] && [ -f "$probe_cache" ]; then
+	accel=$(cat "$probe_cache")
+	info "KVM probe result of this host boot: $accel ($probe_cache)"
+elif [ -z "$accel" ]; then
 	if probe_kvm; then accel=kvm; else accel=tcg; fi
+	rm -f "$CACHE"/kvm-probe.*
+	echo "$accel" >"$probe_cache"
 fi
 case "$accel" in
 kvm) info "accelerator: KVM (probe boot succeeded)" ;;
