@@ -14,7 +14,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-export ARCH KDIR BASELINE SANITIZE ACCEL VM_TIMEOUT JOBS LSDEFER_CACHE TESTS SELFTESTS TEST_MAPS
+export ARCH KDIR BASELINE BROKEN SANITIZE ACCEL VM_TIMEOUT JOBS LSDEFER_CACHE TESTS SELFTESTS TEST_MAPS
 
 S := scripts
 LIB := source $(S)/lib.sh
@@ -52,7 +52,7 @@ report:
 		< <(grep -v '^#' selftests/kunit/suites.common; \
 		    [ "$$BASELINE" = 1 ] || grep -sv '^#' selftests/kunit/suites.lsdefer || true); \
 	python3 $(S)/report.py --tree "$$(tree_dir)" --out "$$(out_dir)" \
-		--label "$$ARCH $$(flavour)$${SANITIZE:+ $$SANITIZE}" "$${expect[@]}"
+		--label "$$ARCH $$(flavour)$${SANITIZE:+ $$SANITIZE}$${BROKEN:+ BROKEN=$$BROKEN}" "$${expect[@]}"
 
 vmtest: setup
 	@start=$$(date +%s); \

@@ -12,6 +12,7 @@
 #                  linux-source package. It is copied, never modified.
 #   BASELINE       1: build the same config without our overlay (stock kernel).
 #   SANITIZE       "" or kasan (KASAN with LLVM=-19, needed when Rust is on).
+#   BROKEN         n: also apply selftests/broken/broken-<n>*.patch (on purpose).
 
 # Pinned versions. Changing one of these is a deliberate, reviewed edit.
 LINUX_SRC_PKG=linux-source-7.3
@@ -140,5 +141,5 @@ kernel_version() {
 
 # Guest outputs of one run.
 out_dir() {
-	echo "${OUT:-$REPO/out}/$ARCH-$(flavour)${SANITIZE:+-$SANITIZE}"
+	echo "${OUT:-$REPO/out}/$ARCH-$(flavour)${SANITIZE:+-$SANITIZE}${BROKEN:+-broken-$BROKEN}"
 }

@@ -7,6 +7,8 @@
 #   rust/bpf/**        -> kernel/bpf/**        (the deferral engine)
 #   selftests/bpf/**   -> tools/testing/selftests/bpf/**
 #   patches/*.patch    -> applied in order (patch -p1) to pristine copies
+#   BROKEN=<n>: selftests/broken/broken-<n>*.patch on top, on purpose, to show
+#   that the tests catch the seed patch's bugs (same tree and build dir).
 # Only files whose content changes are rewritten, so make rebuilds only what
 # an edit touches. A file that leaves the overlay is restored from the
 # pristine source (or deleted if the overlay created it).
@@ -34,6 +36,21 @@ map_dir() {
 		done
 }
 
+# apply_patch FILE: stage the pristine version of each target not staged yet,
+# then apply FILE to the stage.
+apply_patch() {
+	sed -n 's|^+++ b/\([^[:space:]]*\).*|\1|p' "$1" | while read -r f; do
+		if [ ! -e "$stage/$f" ] && [ -f "$src/$f" ]; then
+			mkdir -p "$(dirname "$stage/$f")"
+			cp "$src/$f" "$stage/$f"
+		fi
+	done
+	patch -p1 -s -f --no-backup-if-mismatch -d "$stage" <"$1" >"$stage/.patch.log" 2>&1 ||
+		die "patch $(basename "$1") does not apply: $(cat "$stage/.patch.log")"
+	rm -f "$stage/.patch.log"
+}
+
+[ -z "${BROKEN:-}" ] || [ "$BASELINE" != 1 ] || die "BROKEN= and BASELINE=1 exclude each other"
 if [ "$BASELINE" != 1 ]; then
 	map_dir rust/kernel rust/kernel
 	map_dir rust/helpers rust/helpers
@@ -41,18 +58,15 @@ if [ "$BASELINE" != 1 ]; then
 	map_dir selftests/bpf tools/testing/selftests/bpf
 	shopt -s nullglob
 	for p in "$REPO"/patches/*.patch; do
-		# Targets of this patch: start from the pristine file unless an
-		# earlier step already staged it.
-		sed -n 's|^+++ b/\([^[:space:]]*\).*|\1|p' "$p" | while read -r f; do
-			if [ ! -e "$stage/$f" ] && [ -f "$src/$f" ]; then
-				mkdir -p "$(dirname "$stage/$f")"
-				cp "$src/$f" "$stage/$f"
-			fi
-		done
-		patch -p1 -s -f --no-backup-if-mismatch -d "$stage" <"$p" >"$stage/.patch.log" 2>&1 ||
-			die "patch $(basename "$p") does not apply to $src: $(cat "$stage/.patch.log")"
-		rm -f "$stage/.patch.log"
+		apply_patch "$p"
 	done
+	if [ -n "${BROKEN:-}" ]; then
+		broken=("$REPO"/selftests/broken/broken-"$BROKEN"*.patch)
+		[ "${#broken[@]}" = 1 ] ||
+			die "BROKEN=$BROKEN matches ${#broken[@]} patches in selftests/broken (want exactly one)"
+		info "BROKEN=$BROKEN: applying $(basename "${broken[0]}") on purpose"
+		apply_patch "${broken[0]}"
+	fi
 	shopt -u nullglob
 fi
 
