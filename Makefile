@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # Entry points (see README.md):
-#   make test      everything CI checks: lint, then vmtest on x86_64
+#   make test      everything CI checks: lint, vmtest on x86_64 for our kernel
+#                  and for the stock one (BASELINE=1), and their comparison
 #   make vmtest    set up, overlay, configure, build, boot, run KUnit, report
 #
-# Steps, each usable alone: setup tree config build selftests vm report lint
+# Steps, each usable alone: setup tree config build selftests vm report
+#                           compare lint
 # Variables: ARCH=x86_64|arm64  KDIR=/path/to/linux  BASELINE=1
 #            SANITIZE=kasan  ACCEL=kvm|tcg  VM_TIMEOUT=secs  JOBS=n
 #            TESTS=test[,test]  SELFTESTS=0 (KUnit only)  TEST_MAPS=1
@@ -19,10 +21,10 @@ export ARCH KDIR BASELINE BROKEN SANITIZE ACCEL VM_TIMEOUT JOBS LSDEFER_CACHE TE
 S := scripts
 LIB := source $(S)/lib.sh
 
-.PHONY: help setup tree config build selftests vm report vmtest lint test clean
+.PHONY: help setup tree config build selftests vm report vmtest compare lint test clean
 
 help:
-	@sed -n '3,11p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,14p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	@$(S)/setup.sh
@@ -66,8 +68,18 @@ vmtest: setup
 lint:
 	@$(S)/lint.sh
 
+# Our kernel, then the stock kernel (same config and harness, no overlay);
+# the comparison's line "N passed, N failed, N skipped" is the verdict.
 test: lint
-	@$(MAKE) -s --no-print-directory vmtest ARCH=x86_64
+	@rc=0; \
+	$(MAKE) -s --no-print-directory vmtest ARCH=x86_64 BASELINE= || rc=1; \
+	$(MAKE) -s --no-print-directory vmtest ARCH=x86_64 BASELINE=1 || true; \
+	$(MAKE) -s --no-print-directory compare ARCH=x86_64 || rc=1; \
+	exit $$rc
+
+compare:
+	@$(LIB); python3 $(S)/compare.py --ours "$$(BASELINE= out_dir)/results.json" \
+		--base "$$(BASELINE=1 out_dir)/results.json"
 
 clean:
 	rm -rf out

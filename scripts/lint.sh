@@ -44,7 +44,7 @@ for f in "${cf[@]}"; do
 	check "checkpatch -f $f" "$src/scripts/checkpatch.pl" "${cp_opts[@]}" --no-tree -f "$f"
 done
 
-check "python syntax" python3 -m py_compile scripts/report.py
+check "python syntax" python3 -m py_compile scripts/report.py scripts/compare.py
 
 [ "$fail" = 0 ] || die "lint: $fail check(s) failed"
 info "lint clean"
