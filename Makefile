@@ -42,7 +42,7 @@ build:
 
 # The BPF selftests (test_progs, test_maps, test modules) for the built kernel.
 selftests:
-	@$(S)/locked.sh $(S)/selftests-build.sh
+	@$(S)/locked.sh bash -c '$(S)/tree.sh && $(S)/overlay.sh && $(S)/selftests-build.sh' 
 
 vm:
 	@$(S)/run-vm.sh
