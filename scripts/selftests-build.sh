@@ -4,7 +4,8 @@
 # Build the BPF selftests (test_progs, test_maps and the test modules) for the
 # harness kernel, in the harness-owned tree (the selftests build writes into
 # its source directory), against the build dir's vmlinux BTF. clang/llvm-19,
-# static link. Incremental; takes the same lock as the kernel build.
+# static link. Incremental; takes the same lock as the kernel build. KDIR is
+# unset for it: test_kmods/Makefile has its own KDIR (our tree, via O=).
 # Our own test module (top-level Kbuild) is built with M=<repo> MO=<dir>.
 #
 # Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [KDIR=..] scripts/selftests-build.sh
@@ -35,7 +36,7 @@ stvars=(
 info "building BPF selftests in $st (log: $log)"
 start=$(date +%s)
 rc=0
-make -C "$st" "${stvars[@]}" -j"${JOBS:-$(nproc)}" test_progs test_maps >"$log" 2>&1 || rc=$?
+env -u KDIR make -C "$st" "${stvars[@]}" -j"${JOBS:-$(nproc)}" test_progs test_maps >"$log" 2>&1 || rc=$?
 if [ "$rc" != 0 ]; then
 	grep -E 'error|Error' "$log" | head -30 >&2 || true
 	die "selftests build failed (exit $rc); full log: $log"
