@@ -7,12 +7,14 @@
 #   rust/bpf/**        -> kernel/bpf/**        (the deferral engine)
 #   selftests/bpf/**   -> tools/testing/selftests/bpf/**
 #   patches/*.patch    -> applied in order (patch -p1) to pristine copies
+#   selftests/fixups/*.patch -> applied in every flavour (selftests toolchain
+#                        fixes, not part of the series)
 #   BROKEN=<n>: selftests/broken/broken-<n>*.patch on top, on purpose, to show
 #   that the tests catch the seed patch's bugs (same tree and build dir).
 # Only files whose content changes are rewritten, so make rebuilds only what
 # an edit touches. A file that leaves the overlay is restored from the
 # pristine source (or deleted if the overlay created it).
-# With BASELINE=1 the overlay is empty: the tree is the stock kernel.
+# With BASELINE=1 only the fixups apply: the kernel is the stock kernel.
 #
 # Usage: [KDIR=/path] [BASELINE=1] scripts/overlay.sh
 set -euo pipefail
@@ -69,6 +71,12 @@ if [ "$BASELINE" != 1 ]; then
 	fi
 	shopt -u nullglob
 fi
+# Toolchain fixups of the selftests build: every flavour, baseline included.
+shopt -s nullglob
+for p in "$REPO"/selftests/fixups/*.patch; do
+	apply_patch "$p"
+done
+shopt -u nullglob
 
 new=$(mktemp)
 trap 'rm -rf "$stage" "$new"' EXIT
