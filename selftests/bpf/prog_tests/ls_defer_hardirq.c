@@ -86,7 +86,7 @@ void serial_test_ls_defer_hardirq(void)
 	skel->bss->irq_cgrp = true;
 	skel->bss->irq_recreate = true;
 	skel->bss->sys_churn = true;
-	skel->bss->sys_churn_nr = SYS_getppid;
+	skel->data->sys_churn_nr = SYS_getppid;
 
 	for (i = 0; i < nr_cpus; i++) {
 		pfd = syscall(__NR_perf_event_open, &attr, -1, i, -1, PERF_FLAG_FD_CLOEXEC);

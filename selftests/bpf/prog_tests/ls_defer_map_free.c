@@ -252,7 +252,7 @@ void serial_test_ls_defer_map_free(void)
 	cst = &skel->bss->create_st;
 	dst = &skel->bss->delete_st;
 	skel->bss->target_tgid = getpid();
-	skel->bss->trigger_nr = SYS_getppid;
+	skel->data->trigger_nr = SYS_getppid;
 	if (!ASSERT_OK(ls_defer_map_free__attach(skel), "attach"))
 		goto out;
 	/* What the templates, the outer maps and the program hold */
