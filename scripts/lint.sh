@@ -34,14 +34,19 @@ if [ "${#rs[@]}" -gt 0 ]; then
 		rustfmt --check --edition 2021 --config-path "$src/.rustfmt.toml" "${rs[@]}"
 fi
 
+# checkpatch runs from the kernel tree: inside this git repo it would take
+# the patch files for new files of ours and check them as such.
+checkpatch() {
+	(cd "$src" && scripts/checkpatch.pl "$@")
+}
 cp_opts=(--strict --quiet --no-summary --show-types)
 mapfile -t pt < <(find patches -name '*.patch' 2>/dev/null | sort)
 for p in "${pt[@]}"; do
-	check "checkpatch $p" "$src/scripts/checkpatch.pl" "${cp_opts[@]}" "$p"
+	check "checkpatch $p" checkpatch "${cp_opts[@]}" "$REPO/$p"
 done
 mapfile -t cf < <(find rust selftests -name '*.[ch]' 2>/dev/null | sort)
 for f in "${cf[@]}"; do
-	check "checkpatch -f $f" "$src/scripts/checkpatch.pl" "${cp_opts[@]}" --no-tree -f "$f"
+	check "checkpatch -f $f" checkpatch "${cp_opts[@]}" -f "$REPO/$f"
 done
 
 check "python syntax" python3 -m py_compile scripts/report.py scripts/compare.py
