@@ -42,7 +42,7 @@ if [ "$rc" != 0 ]; then
 	die "selftests build failed (exit $rc); full log: $log"
 fi
 
-if [ -f "$REPO/Kbuild" ] && [ "$BASELINE" != 1 ]; then
+if [ -f "$REPO/Kbuild" ]; then
 	info "building our test module(s) from $REPO/Kbuild"
 	make -C "$tree" O="$obj" "${mk[@]}" M="$REPO" MO="$obj/lsdefer-kmod" \
 		-j"${JOBS:-$(nproc)}" modules >>"$log" 2>&1 ||

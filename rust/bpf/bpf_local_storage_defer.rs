@@ -882,10 +882,25 @@ pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
 mod tests {
     use super::*;
     use kernel::{
+        impl_has_hr_timer,
         impl_has_llist_node,
+        processor::cpu_relax,
         sync::{
             rcu,
-            Arc, //
+            Arc,
+            ArcBorrow, //
+        },
+        time::{
+            hrtimer::{
+                HrTimer,
+                HrTimerCallback,
+                HrTimerCallbackContext,
+                HrTimerPointer,
+                HrTimerRestart,
+                RelativePinnedHardMode, //
+            },
+            Instant,
+            Monotonic, //
         },
         workqueue, //
     };
@@ -992,6 +1007,15 @@ mod tests {
             })
         }
 
+        /// How many objects in `range` were not freed exactly once.
+        fn not_freed_once(&self, range: core::ops::Range<usize>) -> usize {
+            self.objs.get(range).map_or(usize::MAX, |objs| {
+                objs.iter()
+                    .filter(|o| o.frees.load(Relaxed) != 1 || o.state.load(Relaxed) != POISON)
+                    .count()
+            })
+        }
+
         /// Whether no object in `range` was freed.
         #[cfg(CONFIG_HOTPLUG_CPU)]
         fn none_freed(&self, range: core::ops::Range<usize>) -> bool {
@@ -1048,7 +1072,8 @@ mod tests {
 
     // --- a. Producers in every context at once -------------------------------------------------
 
-    /// Shared by the stress producers, in an `Arc` so the worker can hold it.
+    /// Shared by the stress producers, in an `Arc` so that workers, threads and timers can hold
+    /// it.
     struct Stress {
         pool: Pool,
         engine: Pin<KBox<Engine<TestObj>>>,
@@ -1060,9 +1085,42 @@ mod tests {
         #[cfg(CONFIG_X86_LOCAL_APIC)]
         nmi_armed: Atomic<usize>,
         worker_done: Atomic<bool>,
+        /// Per CPU: set while the CPU's producer thread is inside [`Engine::queue`].
+        in_queue: KVec<Atomic<bool>>,
+        /// Objects queued by interrupts and NMIs that interrupted a producer thread inside
+        /// [`Engine::queue`] on the same CPU.
+        nested: Atomic<usize>,
+        /// Tells the producer threads and their timers to stop.
+        stop: Atomic<bool>,
     }
 
     impl Stress {
+        /// A pool of `n` objects and an engine; nothing produced yet.
+        fn new(n: usize) -> Result<Arc<Self>> {
+            let cpus = kernel::cpu::nr_cpu_ids() as usize;
+            let mut in_queue = KVec::with_capacity(cpus, GFP_KERNEL)?;
+            for _ in 0..cpus {
+                in_queue.push(Atomic::new(false), GFP_KERNEL)?;
+            }
+            Ok(Arc::new(
+                Stress {
+                    pool: Pool::new(n)?,
+                    engine: new_engine()?,
+                    task: Atomic::new(0),
+                    softirq: Atomic::new(0),
+                    hardirq: Atomic::new(0),
+                    nmi: Atomic::new(0),
+                    #[cfg(CONFIG_X86_LOCAL_APIC)]
+                    nmi_armed: Atomic::new(0),
+                    worker_done: Atomic::new(false),
+                    in_queue,
+                    nested: Atomic::new(0),
+                    stop: Atomic::new(false),
+                },
+                GFP_KERNEL,
+            )?)
+        }
+
         /// Queues up to `n` objects, counting them in `ctr`; returns how many.
         fn produce(&self, n: usize, ctr: &Atomic<usize>) -> usize {
             for k in 0..n {
@@ -1073,6 +1131,34 @@ mod tests {
                 queue(&self.engine, obj);
             }
             n
+        }
+
+        /// [`Stress::produce`] from a hard interrupt or an NMI; also counts, in `nested`, what
+        /// it queued while the interrupted producer thread of this CPU was inside
+        /// [`Engine::queue`]. No panic, no overflow: counters wrap.
+        fn produce_irq(&self, n: usize, ctr: &Atomic<usize>) -> usize {
+            let k = self.produce(n, ctr);
+            // The thread cannot change its flag while we interrupt it.
+            let cpu = CpuId::current().as_u32() as usize;
+            if self.in_queue.get(cpu).is_some_and(|f| f.load(Relaxed)) {
+                self.nested.fetch_add(k, Relaxed);
+            }
+            k
+        }
+
+        /// Queues one object from a producer thread whose CPU's flag is `in_queue`, raising the
+        /// flag around [`Engine::queue`]. Returns `false` once the pool is used up.
+        fn produce_flagged(&self, in_queue: &Atomic<bool>) -> bool {
+            let Some(obj) = self.pool.claim() else {
+                return false;
+            };
+            self.task.fetch_add(1, Relaxed);
+            // Read only by interrupts and NMIs on this CPU, which see program order; the
+            // compiler does not move an atomic store across the FFI calls in `queue()`.
+            in_queue.store(true, Relaxed);
+            queue(&self.engine, obj);
+            in_queue.store(false, Relaxed);
+            true
         }
 
         /// Task context, then a bottom-halves-disabled section (softirq context).
@@ -1095,7 +1181,7 @@ mod tests {
     unsafe extern "C" fn ipi_produce(info: *mut c_void) {
         // SAFETY: `info` is the `Stress` the caller keeps alive until every IPI has run (wait).
         let s = unsafe { &*info.cast::<Stress>() };
-        s.produce(16, &s.hardirq);
+        s.produce_irq(16, &s.hardirq);
     }
 
     #[cfg(CONFIG_X86_LOCAL_APIC)]
@@ -1107,7 +1193,8 @@ mod tests {
         const NMI_HANDLED: c_int = 1;
         const NAME: &CStr = c"bpf_ls_defer_kunit";
 
-        pub(super) static STRESS: Atomic<*mut Stress> = Atomic::new(core::ptr::null_mut());
+        /// The `Stress` of the [`Registration`] alive, if any.
+        static STRESS: Atomic<*mut Stress> = Atomic::new(core::ptr::null_mut());
 
         /// The `NMI_LOCAL` handler: produces if an NMI of ours is expected.
         ///
@@ -1124,13 +1211,13 @@ mod tests {
                 return NMI_DONE;
             }
             // SAFETY: `STRESS` is cleared, and the handler unregistered (which waits for
-            // running handlers), before the `Stress` goes away.
+            // running handlers), before the `Registration` drops its reference to the `Stress`.
             let s = unsafe { &*s };
             let mut armed = s.nmi_armed.load(Relaxed);
             while armed > 0 {
                 match s.nmi_armed.cmpxchg(armed, armed - 1, Relaxed) {
                     Ok(_) => {
-                        s.produce(8, &s.nmi);
+                        s.produce_irq(8, &s.nmi);
                         break;
                     }
                     Err(now) => armed = now,
@@ -1143,13 +1230,16 @@ mod tests {
             c_uint::try_from(bindings::NMI_LOCAL).map_err(|_| EINVAL)
         }
 
-        /// A registered `NMI_LOCAL` handler; unregistered on drop.
+        /// A registered `NMI_LOCAL` handler producing into `stress`; unregistered on drop.
+        ///
+        /// One at a time: the tests run one after the other.
         pub(super) struct Registration {
             _action: KBox<bindings::nmiaction>,
+            stress: Arc<Stress>,
         }
 
         impl Registration {
-            pub(super) fn new() -> Result<Self> {
+            pub(super) fn new(stress: &Arc<Stress>) -> Result<Self> {
                 let mut action: KBox<bindings::nmiaction> =
                     KBox::new(pin_init::zeroed(), GFP_KERNEL)?;
                 action.handler = Some(handler);
@@ -1160,15 +1250,21 @@ mod tests {
                 kernel::error::to_result(unsafe {
                     bindings::__register_nmi_handler(nmi_local()?, &raw mut *action)
                 })?;
-                Ok(Self { _action: action })
+                let this = Self {
+                    _action: action,
+                    stress: stress.clone(),
+                };
+                STRESS.store(Arc::as_ptr(&this.stress).cast_mut(), Release);
+                Ok(this)
             }
         }
 
         impl Drop for Registration {
             fn drop(&mut self) {
+                STRESS.store(core::ptr::null_mut(), Release);
                 if let Ok(t) = nmi_local() {
                     // SAFETY: Registered in `new()` under `NAME`; this waits for running
-                    // handlers before `self._action` is freed.
+                    // handlers before `self._action` is freed and `self.stress` dropped.
                     unsafe { bindings::unregister_nmi_handler(t, NAME.as_char_ptr()) };
                 }
             }
@@ -1194,33 +1290,19 @@ mod tests {
         }
     }
 
-    /// Guards: a plain (non-atomic) list loses objects under concurrent and nested producers
-    /// (`freed_once` fails); an engine that frees from the producer, or whose flush misses a
-    /// handler half-way through a batch, or items no callback owns, leaves objects unfreed when
-    /// `flush()` returns (`freed == produced` fails); a double free fails `bad == 0`.
+    /// Guards: an engine that frees from the producer, or whose flush misses a handler half-way
+    /// through a batch, or items no callback owns, leaves objects unfreed when `flush()` returns
+    /// (`freed == produced` fails); a double free fails `bad == 0`. A plain (non-atomic) list
+    /// (`BROKEN=1`) only occasionally: cross-CPU races and nesting are rare in this short burst;
+    /// [`nested_producers_on_every_cpu`] is the test that catches it.
     #[test]
     fn producers_in_all_contexts() -> Result {
         const N: usize = 8192;
-        let stress = Arc::new(
-            Stress {
-                pool: Pool::new(N)?,
-                engine: new_engine()?,
-                task: Atomic::new(0),
-                softirq: Atomic::new(0),
-                hardirq: Atomic::new(0),
-                nmi: Atomic::new(0),
-                #[cfg(CONFIG_X86_LOCAL_APIC)]
-                nmi_armed: Atomic::new(0),
-                worker_done: Atomic::new(false),
-            },
-            GFP_KERNEL,
-        )?;
+        let stress = Stress::new(N)?;
         let sptr = (&raw const *stress).cast_mut();
 
         #[cfg(CONFIG_X86_LOCAL_APIC)]
-        let nmi_reg = nmi::Registration::new()?;
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
-        nmi::STRESS.store(sptr, Release);
+        let nmi_reg = nmi::Registration::new(&stress)?;
 
         // A second task, on whichever CPU the unbound workqueue picks.
         let s2 = stress.clone();
@@ -1257,7 +1339,6 @@ mod tests {
         {
             // NMIs can merge; do not wait for ever for the last ones.
             wait_until(|| stress.nmi_armed.load(Relaxed) == 0, 2_000);
-            nmi::STRESS.store(core::ptr::null_mut(), Release);
             drop(nmi_reg);
         }
 
@@ -1285,10 +1366,266 @@ mod tests {
         Ok(())
     }
 
+    // --- a2. Producers nested on the same CPU, on every CPU -------------------------------------
+
+    /// Objects of each round of [`nested_producers_on_every_cpu`] (24 bytes each).
+    const NEST_OBJS: usize = 1 << 18;
+    /// How long [`nested_producers_on_every_cpu`] produces: rounds start until it has elapsed.
+    const NEST_BUDGET_MS: i64 = 1_000;
+    /// Period of each CPU's hard hrtimer.
+    const NEST_TIMER_US: i64 = 40;
+
+    /// The nested producers of one online CPU: a thread bound to it that queues in task context
+    /// in a tight loop, and a pinned hard hrtimer that queues from hard interrupt context on
+    /// top of it.
+    #[pin_data]
+    struct CpuLoad {
+        #[pin]
+        timer: HrTimer<CpuLoad>,
+        stress: Arc<Stress>,
+    }
+
+    impl_has_hr_timer! {
+        impl HasHrTimer<Self> for CpuLoad {
+            mode: RelativePinnedHardMode<Monotonic>, field: self.timer
+        }
+    }
+
+    impl HrTimerCallback for CpuLoad {
+        type Pointer<'a> = Arc<Self>;
+
+        /// Hard interrupt context (also on `PREEMPT_RT`), on the CPU of the thread it interrupts.
+        fn run(
+            this: ArcBorrow<'_, Self>,
+            mut ctx: HrTimerCallbackContext<'_, Self>,
+        ) -> HrTimerRestart {
+            let s = &this.stress;
+            if s.stop.load(Relaxed) {
+                return HrTimerRestart::NoRestart;
+            }
+            s.produce_irq(2, &s.hardirq);
+            ctx.forward_now(Delta::from_micros(NEST_TIMER_US));
+            HrTimerRestart::Restart
+        }
+    }
+
+    /// A producer thread, bound to its CPU: starts the CPU's timer, then queues one object after
+    /// the other until the pool is used up or the test says stop, and returns only once
+    /// `kthread_stop()` is called (so that `kthread_stop()` may be called on it).
+    ///
+    /// # Safety
+    ///
+    /// `data` must come from `Arc::as_ptr()` of an `Arc<CpuLoad>` that is kept alive until
+    /// `kthread_stop()` has returned for this thread.
+    unsafe extern "C" fn producer_thread(data: *mut c_void) -> c_int {
+        // SAFETY: `Producers` keeps the `Arc` alive until kthread_stop() returned.
+        let load = unsafe { ArcBorrow::<CpuLoad>::from_raw(data.cast_const().cast()) };
+        let s = &load.stress;
+        let in_queue = s.in_queue.get(CpuId::current().as_u32() as usize);
+        // Pinned: it fires on this CPU, the one this thread is bound to. Cancelled on drop.
+        let timer = Arc::from(load).start(Delta::from_micros(NEST_TIMER_US));
+        // SAFETY: Called from a kthread.
+        while !unsafe { bindings::kthread_should_stop() } {
+            let more = !s.stop.load(Relaxed) && in_queue.is_some_and(|f| s.produce_flagged(f));
+            if !more {
+                fsleep(Delta::from_millis(1));
+            }
+        }
+        drop(timer);
+        0
+    }
+
+    /// The producer threads of [`nested_producers_on_every_cpu`], one per online CPU; stopped,
+    /// with their timers, on drop.
+    struct Producers {
+        stress: Arc<Stress>,
+        threads: KVec<(NonNull<bindings::task_struct>, Arc<CpuLoad>)>,
+    }
+
+    impl Producers {
+        fn start(stress: &Arc<Stress>) -> Result<Self> {
+            let mut this = Producers {
+                stress: stress.clone(),
+                threads: KVec::new(),
+            };
+            for cpu in percpu::possible_cpus().filter(|c| percpu::cpu_online(*c)) {
+                let load = Arc::pin_init(
+                    pin_init!(CpuLoad {
+                        timer <- HrTimer::new(),
+                        stress: stress.clone(),
+                    }),
+                    GFP_KERNEL,
+                )?;
+                this.threads.reserve(1, GFP_KERNEL)?;
+                // SAFETY: `producer_thread` has the signature of a thread function and `load`
+                // stays in `this.threads` until `Drop` has stopped the thread.
+                let task = unsafe {
+                    bindings::kthread_create_on_cpu(
+                        Some(producer_thread),
+                        Arc::as_ptr(&load).cast_mut().cast(),
+                        cpu.as_u32(),
+                        c"ls_defer_kunit/%u".as_char_ptr(),
+                    )
+                };
+                let task = NonNull::new(kernel::error::from_err_ptr(task)?).ok_or(ENOMEM)?;
+                if let Err(e) = this.threads.push_within_capacity((task, load)) {
+                    // Never woken: it exits without running `producer_thread`.
+                    // SAFETY: `task` is a kthread created above.
+                    unsafe { bindings::kthread_stop(task.as_ptr()) };
+                    drop(e);
+                    return Err(ENOMEM);
+                }
+                // SAFETY: `task` is a kthread created above, not woken yet.
+                unsafe { bindings::wake_up_process(task.as_ptr()) };
+            }
+            Ok(this)
+        }
+    }
+
+    impl Drop for Producers {
+        fn drop(&mut self) {
+            self.stress.stop.store(true, Relaxed);
+            for (task, _) in self.threads.iter() {
+                // SAFETY: `task` was created by kthread_create_on_cpu() and stopped by no one
+                // else; `producer_thread` returns only once asked to, so it has not exited.
+                unsafe { bindings::kthread_stop(task.as_ptr()) };
+            }
+        }
+    }
+
+    /// What one round of [`nested_producers_on_every_cpu`] did, or the sum of several.
+    #[derive(Default)]
+    struct NestRound {
+        claimed: usize,
+        produced: usize,
+        freed: usize,
+        bad: usize,
+        /// Objects not freed exactly once (lost, or freed more than once).
+        not_once: usize,
+        queued: usize,
+        engine_freed: usize,
+        task: usize,
+        hardirq: usize,
+        nmi: usize,
+        nested: usize,
+    }
+
+    impl NestRound {
+        fn accumulate(&mut self, r: &NestRound) {
+            self.claimed = self.claimed.saturating_add(r.claimed);
+            self.produced = self.produced.saturating_add(r.produced);
+            self.freed = self.freed.saturating_add(r.freed);
+            self.bad = self.bad.saturating_add(r.bad);
+            self.not_once = self.not_once.saturating_add(r.not_once);
+            self.queued = self.queued.saturating_add(r.queued);
+            self.engine_freed = self.engine_freed.saturating_add(r.engine_freed);
+            self.task = self.task.saturating_add(r.task);
+            self.hardirq = self.hardirq.saturating_add(r.hardirq);
+            self.nmi = self.nmi.saturating_add(r.nmi);
+            self.nested = self.nested.saturating_add(r.nested);
+        }
+    }
+
+    /// One round: a fresh pool and engine, the producers of every CPU until the pool is used up
+    /// or `deadline_ms` after `start`, then a flush.
+    fn nested_round(start: &Instant<Monotonic>, deadline_ms: i64) -> Result<NestRound> {
+        let stress = Stress::new(NEST_OBJS)?;
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
+        let nmi_reg = nmi::Registration::new(&stress)?;
+        let producers = Producers::start(&stress)?;
+
+        while stress.pool.cursor.load(Relaxed) < NEST_OBJS
+            && start.elapsed().as_millis() < deadline_ms
+        {
+            #[cfg(CONFIG_X86_LOCAL_APIC)]
+            nmi::send_all(&stress)?;
+            fsleep(Delta::from_micros(100));
+        }
+        // Threads stopped and timers cancelled; then no NMI handler runs any more.
+        drop(producers);
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
+        drop(nmi_reg);
+
+        let claimed = stress.pool.cursor.load(Relaxed).min(NEST_OBJS);
+        let (task, hardirq) = (stress.task.load(Relaxed), stress.hardirq.load(Relaxed));
+        let (softirq, nmi) = (stress.softirq.load(Relaxed), stress.nmi.load(Relaxed));
+        let produced = task + softirq + hardirq + nmi;
+        stress.engine.flush();
+        // Read right after flush() returned: nothing may still be on its way.
+        let freed = stress.pool.freed();
+        let total = stress.engine.total_stats();
+        Ok(NestRound {
+            claimed,
+            produced,
+            freed,
+            bad: stress.pool.bad(),
+            not_once: stress.pool.not_freed_once(0..claimed),
+            queued: total.queued,
+            engine_freed: total.freed,
+            task,
+            hardirq,
+            nmi,
+            nested: stress.nested.load(Relaxed),
+        })
+    }
+
+    /// Guards: a pending list updated with plain loads and stores (`BROKEN=1`, the shape of
+    /// `hlist_add_head()`): an interrupt, NMI or irq_work handler of the same CPU that adds to
+    /// the list, or takes it, between the producer's load of the head and its store loses
+    /// objects (`freed == produced` fails, `not_once` counts them) or leaves taken ones listed,
+    /// to be freed twice (`bad == 0` fails). On every online CPU a bound thread queues in a
+    /// tight loop while a pinned hard hrtimer (every `NEST_TIMER_US`) and, on x86, NMIs queue
+    /// on top of it, in rounds of [`NEST_OBJS`] objects for [`NEST_BUDGET_MS`]; `nested > 0`
+    /// checks that the nesting this relies on happened. The other checks are those of
+    /// [`producers_in_all_contexts`].
+    #[test]
+    fn nested_producers_on_every_cpu() -> Result {
+        let start = Instant::<Monotonic>::now();
+        let mut sum = NestRound::default();
+        let mut rounds = 0usize;
+        loop {
+            sum.accumulate(&nested_round(&start, NEST_BUDGET_MS)?);
+            rounds += 1;
+            if start.elapsed().as_millis() >= NEST_BUDGET_MS {
+                break;
+            }
+        }
+        pr_info!(
+            "nested producers: {} rounds, {} ms: task {}, hardirq {}, nmi {}, {} nested\n",
+            rounds,
+            start.elapsed().as_millis(),
+            sum.task,
+            sum.hardirq,
+            sum.nmi,
+            sum.nested
+        );
+        pr_info!(
+            "nested producers: produced {}, freed {}, not freed once {}, bad {}\n",
+            sum.produced,
+            sum.freed,
+            sum.not_once,
+            sum.bad
+        );
+
+        assert_eq!(sum.produced, sum.claimed);
+        assert_eq!(sum.freed, sum.produced);
+        assert_eq!(sum.not_once, 0);
+        assert_eq!(sum.bad, 0);
+        assert_eq!(sum.queued, sum.produced);
+        assert_eq!(sum.engine_freed, sum.produced);
+        assert!(sum.task > 0);
+        assert!(sum.hardirq > 0);
+        #[cfg(CONFIG_X86_LOCAL_APIC)]
+        assert!(sum.nmi > 0);
+        assert!(sum.nested > 0);
+        Ok(())
+    }
+
     // --- b. A sleeping Tasks Trace reader keeps its object --------------------------------------
 
-    /// Guards: an engine that waits for a regular RCU grace period (or none) frees the object
-    /// while the reader sleeps (`intact` fails); one that never frees fails `freed`.
+    /// Guards: an engine that waits for a regular RCU grace period (`BROKEN=2`), or none,
+    /// frees the object while the reader sleeps (`intact` fails); one that never frees fails
+    /// `freed`.
     #[test]
     fn sleeping_reader_keeps_object() -> Result {
         let pool = Pool::new(1)?;
@@ -1320,9 +1657,11 @@ mod tests {
 
     // --- c. Items queued during a grace period get the next one ---------------------------------
 
-    /// Guards: without the re-arm in the callback the second object is never freed (`freed`
-    /// fails, nothing else kicks the engine); an engine that adds it to the in-flight batch, or
-    /// starts a second grace period while one is in flight, fails `gps`.
+    /// Guards: without the re-arm in the callback (`BROKEN=kc`) the second object is never freed
+    /// (`freed` fails, nothing else kicks the engine); an engine that adds it to the in-flight
+    /// batch, or starts a second grace period while one is in flight, fails `gps`; with regular
+    /// RCU (`BROKEN=2`) the reader does not hold the first grace period open
+    /// (`one_in_flight` fails).
     #[test]
     fn chained_grace_period() -> Result {
         let pool = Pool::new(2)?;
@@ -1388,7 +1727,8 @@ mod tests {
 
     /// Guards: a flush that skips offline CPUs leaves the stranded objects (`flushed_all`
     /// fails), so does one that does not wait for the batches owners had taken; without the
-    /// hotplug kick the last objects are never freed (`kicked` fails).
+    /// hotplug kick the last objects are never freed (`kicked` fails). No `BROKEN=` variant
+    /// targets these yet.
     #[test]
     fn flush_and_cpu_hotplug() -> Result {
         #[cfg(not(CONFIG_HOTPLUG_CPU))]
@@ -1482,6 +1822,141 @@ mod tests {
         assert!(back);
         assert!(pool.freed_once(0..3 * K));
         assert_eq!(pool.bad(), 0);
+        Ok(())
+    }
+
+    // --- e. Flush leaves no irq_work behind -----------------------------------------------------
+
+    /// How long the target CPU of [`flush_leaves_no_irq_work_pending`] keeps its interrupts off
+    /// after the test started flushing, at most.
+    const HOLD_MS: i64 = 200;
+    /// How long it waits, interrupts off, for the test to start flushing, at most.
+    const HOLD_PRE_MS: i64 = 2_000;
+
+    /// Shared by [`flush_leaves_no_irq_work_pending`] and its IPI callback on the target CPU.
+    struct Holdup<'a> {
+        engine: &'a Engine<TestObj>,
+        /// Set by the callback once it queued its CPU's irq_work; `busy` tells the result.
+        queued: Atomic<bool>,
+        busy: Atomic<bool>,
+        /// Set by the test right before it calls `flush()`.
+        flushing: Atomic<bool>,
+        /// Set by the test once `flush()` returned.
+        release: Atomic<bool>,
+        /// Set by the callback when it gave up waiting for `release` after `flushing`.
+        timed_out: Atomic<bool>,
+        /// Set by the callback as its last access to the struct.
+        done: Atomic<bool>,
+    }
+
+    /// IPI callback, interrupts off: makes the engine's irq_work pending on this CPU, then keeps
+    /// interrupts off, so that it cannot run, until the test's `flush()` returned, or for
+    /// [`HOLD_MS`] after it started.
+    ///
+    /// # Safety
+    ///
+    /// `info` must point to a [`Holdup`] that stays alive until its `done` is set.
+    unsafe extern "C" fn ipi_hold_irq_work(info: *mut c_void) {
+        // SAFETY: The test keeps `info` alive until we set `done`, our last access.
+        let h = unsafe { &*info.cast::<Holdup<'_>>() };
+        if let Some(st) = h.engine.state(CpuId::current()) {
+            // A producer's irq_work whose objects another owner (the grace-period chain, a
+            // flush) took before it ran: the handler still has to run. No object: a flush that
+            // takes one waits for a Tasks Trace grace period, which (SRCU-fast) waits for a
+            // regular RCU grace period, which waits for this CPU to enable interrupts, hence
+            // for the handler, with or without `irq_work_sync()`.
+            //
+            // SAFETY: `st` lives until the engine is dropped; the test lets the irq_work run
+            // first.
+            unsafe { st.work.queue() };
+            h.busy.store(st.work.is_busy(), Relaxed);
+        }
+        h.queued.store(true, Release);
+
+        let mut since = Instant::<Monotonic>::now();
+        let mut limit = HOLD_PRE_MS;
+        let mut flushing = false;
+        while !h.release.load(Acquire) {
+            if !flushing && h.flushing.load(Acquire) {
+                flushing = true;
+                since = Instant::<Monotonic>::now();
+                limit = HOLD_MS;
+            }
+            if since.elapsed().as_millis() >= limit {
+                h.timed_out.store(flushing, Relaxed);
+                break;
+            }
+            cpu_relax();
+        }
+        h.done.store(true, Release);
+    }
+
+    /// Guards: a flush that does not sync every online CPU's irq_work (`BROKEN=kd`) returns
+    /// while the target CPU's is still pending (`idle_after_flush` fails) instead of waiting for
+    /// the target to run it (`flush_waited` fails). The engine's drop frees the per-CPU state
+    /// right after its flush: a pending irq_work would then run on freed memory.
+    #[test]
+    fn flush_leaves_no_irq_work_pending() -> Result {
+        let engine = new_engine()?;
+        let h = Holdup {
+            engine: &engine,
+            queued: Atomic::new(false),
+            busy: Atomic::new(false),
+            flushing: Atomic::new(false),
+            release: Atomic::new(false),
+            timed_out: Atomic::new(false),
+            done: Atomic::new(false),
+        };
+
+        // SAFETY: Paired with `migrate_enable()` below: the target must stay another CPU.
+        unsafe { bindings::migrate_disable() };
+        let here = CpuId::current();
+        let target = percpu::possible_cpus().find(|c| *c != here && percpu::cpu_online(*c));
+        let mut ret = 0;
+        let (mut queued, mut idle_after_flush, mut idle_later) = (false, false, false);
+        if let Some(t) = target {
+            // SAFETY: `h` outlives the callback: we wait for its `done` below.
+            ret = unsafe {
+                bindings::smp_call_function_single(
+                    c_int::try_from(t.as_u32()).unwrap_or(-1),
+                    Some(ipi_hold_irq_work),
+                    (&raw const h).cast_mut().cast(),
+                    false,
+                )
+            };
+        }
+        if let (Some(t), 0) = (target, ret) {
+            queued = wait_until(|| h.queued.load(Acquire), 1_000);
+            h.flushing.store(true, Release);
+            engine.flush();
+            idle_after_flush = engine.state(t).is_some_and(|st| !st.work.is_busy());
+            h.release.store(true, Release);
+            // The callback ends on its own within `HOLD_PRE_MS + HOLD_MS`; `h` is ours.
+            while !h.done.load(Acquire) {
+                fsleep(Delta::from_millis(1));
+            }
+            // Let the irq_work run before the engine goes away, whatever flush did.
+            idle_later = wait_until(
+                || engine.state(t).is_some_and(|st| !st.work.is_busy()),
+                1_000,
+            );
+        }
+        // SAFETY: Pairs with `migrate_disable()` above.
+        unsafe { bindings::migrate_enable() };
+        let pending = h.busy.load(Relaxed);
+        let flush_waited = h.timed_out.load(Relaxed);
+        drop(engine);
+
+        if target.is_none() {
+            skip(c"needs a second online CPU");
+            return Ok(());
+        }
+        kernel::error::to_result(ret)?;
+        assert!(queued);
+        assert!(pending);
+        assert!(idle_after_flush);
+        assert!(flush_waited);
+        assert!(idle_later);
         Ok(())
     }
 }
