@@ -65,7 +65,7 @@ vmtest: setup
 	echo "==> vmtest took $$(( $$(date +%s) - start ))s"; \
 	exit $$vmrc
 
-lint:
+lint: setup tree
 	@$(S)/lint.sh
 
 # Our kernel, then the stock kernel (same config and harness, no overlay);

@@ -4,14 +4,15 @@
 # The repo's own lint: shellcheck on the scripts, rustfmt (the kernel's
 # .rustfmt.toml) on our Rust, checkpatch.pl --strict on the patches and on our
 # C files, and a syntax check of the Python. Clippy runs during the kernel
-# build (CLIPPY=1, see scripts/build.sh). Needs the pristine tree (make setup).
+# build (CLIPPY=1, see scripts/build.sh). Needs the harness tree (make tree).
 #
 # Usage: scripts/lint.sh
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 src=$(pristine_dir)
-[ -x "$src/scripts/checkpatch.pl" ] || die "no checkpatch.pl in $src: run 'make setup'"
+tree=$(tree_dir)
+[ -f "$tree/.lsdefer-overlay" ] || die "no harness tree with our overlay at $tree: run 'make tree'"
 fail=0
 check() {
 	local what=$1
@@ -34,18 +35,27 @@ if [ "${#rs[@]}" -gt 0 ]; then
 		rustfmt --check --edition 2021 --config-path "$src/.rustfmt.toml" "${rs[@]}"
 fi
 
-# checkpatch runs from the kernel tree: inside this git repo it would take
-# the patch files for new files of ours and check them as such.
+# checkpatch is the series' own (patches/ may teach it about new files), run
+# from the harness tree, so that files are checked at their paths in the
+# kernel: inside this git repo it would also take the patch files for new
+# files of ours.
 checkpatch() {
-	(cd "$src" && scripts/checkpatch.pl "$@")
+	(cd "$tree" && scripts/checkpatch.pl "$@")
 }
 cp_opts=(--strict --quiet --no-summary --show-types)
 mapfile -t pt < <(find patches -name '*.patch' 2>/dev/null | sort)
 for p in "${pt[@]}"; do
 	check "checkpatch $p" checkpatch "${cp_opts[@]}" "$REPO/$p"
 done
-mapfile -t cf < <(find rust selftests -name '*.[ch]' 2>/dev/null | sort)
-for f in "${cf[@]}"; do
+# New C files of the overlay, at their tree paths (edits of existing files
+# are checked through the patches), and the out-of-tree test module.
+while read -r f; do
+	case "$f" in *.c | *.h) ;; *) continue ;; esac
+	[ -e "$src/$f" ] && continue
+	check "checkpatch -f $f" checkpatch "${cp_opts[@]}" -f "$f"
+done <"$tree/.lsdefer-overlay"
+mapfile -t km < <(find selftests/kmod -name '*.[ch]' 2>/dev/null | sort)
+for f in "${km[@]}"; do
 	check "checkpatch -f $f" checkpatch "${cp_opts[@]}" -f "$REPO/$f"
 done
 
