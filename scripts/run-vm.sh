@@ -58,7 +58,8 @@ mkdir -p "$out"
 # storage tests and ours (on the stock kernel too, where they show what it
 # refuses: make compare only counts a test that passes on stock and not on
 # ours); TESTS= replaces the list.
-st=$(tree_dir)/tools/testing/selftests/bpf
+# test_progs and its BPF objects are in the build dir (the selftests' O=).
+st=$obj
 if [ "${SELFTESTS:-1}" != 0 ] && [ -x "$st/test_progs" ]; then
 	lists=("$REPO/selftests/local-storage.tests" "$REPO/selftests/lsdefer.tests")
 	allow=${TESTS:-$(cat "${lists[@]}" 2>/dev/null | grep -v '^#' | grep . | paste -sd, -)}
