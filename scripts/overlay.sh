@@ -14,7 +14,8 @@
 # Only files whose content changes are rewritten, so make rebuilds only what
 # an edit touches. A file that leaves the overlay is restored from the
 # pristine source (or deleted if the overlay created it).
-# With BASELINE=1 only the fixups apply: the kernel is the stock kernel.
+# With BASELINE=1 only selftests/bpf and the fixups apply: the kernel is the
+# stock kernel.
 #
 # Usage: [KDIR=/path] [BASELINE=1] scripts/overlay.sh
 set -euo pipefail
@@ -57,7 +58,6 @@ if [ "$BASELINE" != 1 ]; then
 	map_dir rust/kernel rust/kernel
 	map_dir rust/helpers rust/helpers
 	map_dir rust/bpf kernel/bpf
-	map_dir selftests/bpf tools/testing/selftests/bpf
 	shopt -s nullglob
 	for p in "$REPO"/patches/*.patch; do
 		apply_patch "$p"
@@ -71,7 +71,9 @@ if [ "$BASELINE" != 1 ]; then
 	fi
 	shopt -u nullglob
 fi
-# Toolchain fixups of the selftests build: every flavour, baseline included.
+# Our selftests (test code only, no kernel change) and the toolchain fixups of
+# the selftests build go into every flavour, baseline included.
+map_dir selftests/bpf tools/testing/selftests/bpf
 shopt -s nullglob
 for p in "$REPO"/selftests/fixups/*.patch; do
 	apply_patch "$p"

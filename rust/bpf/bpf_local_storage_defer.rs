@@ -1092,6 +1092,8 @@ mod tests {
         nested: Atomic<usize>,
         /// Tells the producer threads and their timers to stop.
         stop: Atomic<bool>,
+        /// Asynchronous IPIs sent by producer threads whose callback has not finished yet.
+        ipis_in_flight: Atomic<usize>,
     }
 
     impl Stress {
@@ -1116,6 +1118,7 @@ mod tests {
                     in_queue,
                     nested: Atomic::new(0),
                     stop: Atomic::new(false),
+                    ipis_in_flight: Atomic::new(0),
                 },
                 GFP_KERNEL,
             )?)
@@ -1161,6 +1164,39 @@ mod tests {
             true
         }
 
+        /// Interrupts `peer`, most likely in the middle of its producer thread's
+        /// [`Engine::queue`]: an NMI that queues there (x86) if `use_nmi`, otherwise an
+        /// asynchronous IPI that does. Sent by the producer threads themselves, vCPU to vCPU, so that the
+        /// rate does not depend on the host's timers, which an emulator under load fires late.
+        fn kick(self: &Arc<Self>, peer: CpuId, use_nmi: bool) {
+            #[cfg(CONFIG_X86_LOCAL_APIC)]
+            {
+                if use_nmi {
+                    nmi::send_to(self, peer);
+                    return;
+                }
+            }
+            #[cfg(not(CONFIG_X86_LOCAL_APIC))]
+            let _ = use_nmi;
+            let Ok(cpu) = c_int::try_from(peer.as_u32()) else {
+                return;
+            };
+            self.ipis_in_flight.fetch_add(1, Relaxed);
+            // SAFETY: `ipi_nest` has the signature of an IPI callback; the `Stress` lives until
+            // `ipis_in_flight` is back to zero, which the callback does last.
+            let ret = unsafe {
+                bindings::smp_call_function_single(
+                    cpu,
+                    Some(ipi_nest),
+                    Arc::as_ptr(self).cast_mut().cast(),
+                    false,
+                )
+            };
+            if ret != 0 {
+                self.ipis_in_flight.fetch_sub(1, Relaxed);
+            }
+        }
+
         /// Task context, then a bottom-halves-disabled section (softirq context).
         fn produce_task_and_bh(&self, n: usize) -> usize {
             let a = self.produce(n, &self.task);
@@ -1182,6 +1218,19 @@ mod tests {
         // SAFETY: `info` is the `Stress` the caller keeps alive until every IPI has run (wait).
         let s = unsafe { &*info.cast::<Stress>() };
         s.produce_irq(16, &s.hardirq);
+    }
+
+    /// Asynchronous IPI callback of [`Stress::kick`]: hard interrupt context on the peer CPU.
+    ///
+    /// # Safety
+    ///
+    /// `info` must point to a [`Stress`] that lives until its `ipis_in_flight` is zero, and the
+    /// sender must have counted this call in it.
+    unsafe extern "C" fn ipi_nest(info: *mut c_void) {
+        // SAFETY: The `Stress` lives until we uncount ourselves, which we do last.
+        let s = unsafe { &*info.cast::<Stress>() };
+        s.produce_irq(2, &s.hardirq);
+        s.ipis_in_flight.fetch_sub(1, Release);
     }
 
     #[cfg(CONFIG_X86_LOCAL_APIC)]
@@ -1268,6 +1317,17 @@ mod tests {
                     unsafe { bindings::unregister_nmi_handler(t, NAME.as_char_ptr()) };
                 }
             }
+        }
+
+        /// Sends an NMI to `cpu`.
+        pub(super) fn send_to(s: &Stress, cpu: CpuId) {
+            let Ok(vector) = c_int::try_from(bindings::NMI_VECTOR) else {
+                return;
+            };
+            s.nmi_armed.fetch_add(1, Relaxed);
+            // SAFETY: `cpumask_of()` of a possible CPU is a valid cpumask; NMI_VECTOR with a
+            // mask selects NMI delivery in every APIC driver.
+            unsafe { bindings::__apic_send_IPI_mask(bindings::cpumask_of(cpu.as_u32()), vector) };
         }
 
         /// Sends an NMI to every online CPU, this one included.
@@ -1374,6 +1434,8 @@ mod tests {
     const NEST_BUDGET_MS: i64 = 1_000;
     /// Period of each CPU's hard hrtimer.
     const NEST_TIMER_US: i64 = 40;
+    /// Each producer thread interrupts its peer CPU (IPI and NMI in turn) after this many objects.
+    const NEST_KICK_EVERY: u32 = 4;
 
     /// The nested producers of one online CPU: a thread bound to it that queues in task context
     /// in a tight loop, and a pinned hard hrtimer that queues from hard interrupt context on
@@ -1421,14 +1483,26 @@ mod tests {
         // SAFETY: `Producers` keeps the `Arc` alive until kthread_stop() returned.
         let load = unsafe { ArcBorrow::<CpuLoad>::from_raw(data.cast_const().cast()) };
         let s = &load.stress;
-        let in_queue = s.in_queue.get(CpuId::current().as_u32() as usize);
+        let me = CpuId::current();
+        let in_queue = s.in_queue.get(me.as_u32() as usize);
+        // The next online CPU, whose thread this one interrupts; none if this one is alone.
+        let peer = percpu::possible_cpus()
+            .filter(|c| percpu::cpu_online(*c))
+            .find(|c| c.as_u32() > me.as_u32())
+            .or_else(|| percpu::possible_cpus().find(|c| percpu::cpu_online(*c)))
+            .filter(|c| *c != me);
         // Pinned: it fires on this CPU, the one this thread is bound to. Cancelled on drop.
         let timer = Arc::from(load).start(Delta::from_micros(NEST_TIMER_US));
+        let mut n: u32 = 0;
         // SAFETY: Called from a kthread.
         while !unsafe { bindings::kthread_should_stop() } {
-            let more = !s.stop.load(Relaxed) && in_queue.is_some_and(|f| s.produce_flagged(f));
-            if !more {
+            if s.stop.load(Relaxed) || !in_queue.is_some_and(|f| s.produce_flagged(f)) {
                 fsleep(Delta::from_millis(1));
+                continue;
+            }
+            n = n.wrapping_add(1);
+            if let Some(peer) = peer.filter(|_| n % NEST_KICK_EVERY == 0) {
+                s.kick(peer, (n / NEST_KICK_EVERY) % 2 == 1);
             }
         }
         drop(timer);
@@ -1496,6 +1570,8 @@ mod tests {
     /// What one round of [`nested_producers_on_every_cpu`] did, or the sum of several.
     #[derive(Default)]
     struct NestRound {
+        /// Rounds whose IPIs did not all finish (their `Stress` is leaked).
+        ipis_stuck: usize,
         claimed: usize,
         produced: usize,
         freed: usize,
@@ -1512,6 +1588,7 @@ mod tests {
 
     impl NestRound {
         fn accumulate(&mut self, r: &NestRound) {
+            self.ipis_stuck = self.ipis_stuck.saturating_add(r.ipis_stuck);
             self.claimed = self.claimed.saturating_add(r.claimed);
             self.produced = self.produced.saturating_add(r.produced);
             self.freed = self.freed.saturating_add(r.freed);
@@ -1541,8 +1618,14 @@ mod tests {
             nmi::send_all(&stress)?;
             fsleep(Delta::from_micros(100));
         }
-        // Threads stopped and timers cancelled; then no NMI handler runs any more.
+        // Threads stopped and timers cancelled, their IPIs done; then no NMI handler runs any
+        // more.
         drop(producers);
+        let ipis_done = wait_until(|| stress.ipis_in_flight.load(Acquire) == 0, 10_000);
+        if !ipis_done {
+            // Never free what an IPI callback may still use.
+            core::mem::forget(stress.clone());
+        }
         #[cfg(CONFIG_X86_LOCAL_APIC)]
         drop(nmi_reg);
 
@@ -1555,6 +1638,7 @@ mod tests {
         let freed = stress.pool.freed();
         let total = stress.engine.total_stats();
         Ok(NestRound {
+            ipis_stuck: usize::from(!ipis_done),
             claimed,
             produced,
             freed,
@@ -1607,6 +1691,7 @@ mod tests {
             sum.bad
         );
 
+        assert_eq!(sum.ipis_stuck, 0);
         assert_eq!(sum.produced, sum.claimed);
         assert_eq!(sum.freed, sum.produced);
         assert_eq!(sum.not_once, 0);
