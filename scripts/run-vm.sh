@@ -16,6 +16,9 @@
 #        [TESTS=...] scripts/run-vm.sh
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
+# A guest starved by a build on the 2 host cores can hit RCU-stall or
+# soft-lockup reports: boots take the harness lock too.
+[ "${LSDEFER_LOCKED:-}" = 1 ] || exec "$REPO/scripts/locked.sh" "$0" "$@"
 
 obj=$(build_dir)
 out=$(out_dir)
