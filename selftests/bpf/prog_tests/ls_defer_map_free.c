@@ -290,8 +290,8 @@ void serial_test_ls_defer_map_free(void)
 		skel->bss->mode = MODE_CREATE;
 		step(&rs);
 		if (!ASSERT_OK(rs.err, "worker pidfd") ||
-		    !ASSERT_EQ(cst->created, (__u64)(round + 1) * NR_WORKERS * NR_SLOTS * 2,
-			       "values created"))
+		    !ASSERT_EQ(cst->created + cst->create_fail,
+			       (__u64)(round + 1) * NR_WORKERS * NR_SLOTS * 2, "values filled"))
 			goto out;
 
 		/* The program deletes half, syscalls the other half, at the same time */
@@ -338,7 +338,8 @@ void serial_test_ls_defer_map_free(void)
 		  ROUNDS * PROG_SLOTS, "program cgroup storage deletes");
 	ASSERT_EQ(dst->task_del[LS_RC_OTHER] + dst->cgrp_del[LS_RC_OTHER], 0,
 		  "program delete: unexpected error");
-	ASSERT_EQ(cst->create_fail + cst->obj_fail, 0, "program create failures");
+	ASSERT_EQ(cst->obj_fail, 0, "program object failures");
+	ASSERT_LT(cst->create_fail, cst->created / 10, "program create failures");
 out:
 	release_reader(&rd);
 	if (skel)

@@ -73,6 +73,7 @@ SEC("tp_btf/sys_enter")
 int BPF_PROG(sys_enter_round, struct pt_regs *regs, long id)
 {
 	struct task_struct *task;
+	struct ls_defer_val *v;
 	struct cgroup *cgrp;
 	void *tmap, *cmap;
 	int i, m = mode;
@@ -100,10 +101,17 @@ int BPF_PROG(sys_enter_round, struct pt_regs *regs, long id)
 				ls_fill(&create_st,
 					bpf_task_storage_get(tmap, task, 0,
 							     BPF_LOCAL_STORAGE_GET_F_CREATE));
-			if (cmap)
-				ls_fill(&create_st,
-					bpf_cgrp_storage_get(cmap, cgrp, 0,
-							     BPF_LOCAL_STORAGE_GET_F_CREATE));
+			if (!cmap)
+				continue;
+			/*
+			 * All workers share the cgroup: a racing creator wins
+			 * (-EEXIST), or one in another map (-EAGAIN).
+			 */
+			v = bpf_cgrp_storage_get(cmap, cgrp, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+			if (!v)
+				v = bpf_cgrp_storage_get(cmap, cgrp, 0,
+							 BPF_LOCAL_STORAGE_GET_F_CREATE);
+			ls_fill(&create_st, v);
 			continue;
 		}
 		if (i >= PROG_SLOTS)
