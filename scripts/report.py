@@ -5,7 +5,8 @@
 Reads, from OUT:
   dmesg.txt        the guest's kernel log (KUnit KTAP is parsed from it with
                    the tree's own tools/testing/kunit/kunit.py parse)
-  test_progs.json  test_progs -J output, if the selftests ran
+  test_progs.json  test_progs -J output (counts, failed tests), if they ran
+  test_progs.log   its output, for the per-test result lines
   console.log      used for the splat scan when dmesg.txt is missing
 Writes OUT/kunit.json (kunit.py's JSON) and OUT/results.json (every test
 with its status, plus every splat), prints the summary and ends with the line
@@ -77,22 +78,48 @@ def kunit_results(tree, dmesg, out):
     return rows
 
 
-def test_progs_results(path):
-    """test_progs -J: each subtest (or a test without subtests) is a row."""
-    with open(path, encoding="utf-8") as f:
+RESULT_RE = re.compile(r"^#(\d+)(?:/(\d+))?\s+(\S+):(OK|SKIP|FAIL)$")
+
+
+def test_progs_results(jpath, logpath):
+    """test_progs: one row per subtest, or per test without subtests.
+
+    test_progs -J lists only the failed tests (with their logs) and the
+    counts, so the per-test statuses come from the result lines of its
+    output ("#N[/M] name:OK|SKIP|FAIL"), and are checked against the JSON
+    counts: any disagreement is a failure of its own.
+    """
+    with open(jpath, encoding="utf-8") as f:
         data = json.load(f)
+    status_of = {"OK": "PASS", "SKIP": "SKIP", "FAIL": "FAIL"}
+    tops, subs = {}, {}
+    if os.path.exists(logpath):
+        with open(logpath, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                m = RESULT_RE.match(line.rstrip())
+                if not m:
+                    continue
+                num, sub, name, st = m.groups()
+                if sub is None:
+                    tops[num] = (name, status_of[st])
+                else:
+                    subs.setdefault(num, []).append((name, status_of[st]))
     rows = []
+    for num, (name, st) in tops.items():
+        for sname, sst in subs.get(num, []):
+            rows.append(("test_progs", sname, sst))
+        if not subs.get(num) or (st == "FAIL" and
+                                 all(x[1] != "FAIL" for x in subs[num])):
+            rows.append(("test_progs", name, st))
+    # JSON "success" counts every test without errors (skipped ones too) and
+    # "skipped" every test__skip() call, subtests included: compare the rest.
+    top = [t[1] for t in tops.values()]
+    want = (data.get("success", 0), data.get("failed", 0))
+    have = (len(top) - top.count("FAIL"), top.count("FAIL"))
+    if want != have:
+        rows.append(("test_progs", f"log {have} agrees with JSON {want} (passed, failed)", "FAIL"))
     for test in data.get("results", []):
-        subs = test.get("subtests", [])
-        if not subs:
-            status = "FAIL" if test.get("failed") else (
-                "SKIP" if test.get("skipped") else "PASS")
-            rows.append(("test_progs", test["name"], status))
-        for sub in subs:
-            status = "FAIL" if sub.get("failed") else (
-                "SKIP" if sub.get("skipped") else "PASS")
-            rows.append(("test_progs", test["name"] + "/" + sub["name"], status))
-        if subs and test.get("failed") and not any(s.get("failed") for s in subs):
+        if test.get("failed") and test["number"] is not None and str(test["number"]) not in tops:
             rows.append(("test_progs", test["name"], "FAIL"))
     return rows
 
@@ -130,7 +157,10 @@ def main():
             rows.append((suite, "suite ran", "FAIL"))
     tp = os.path.join(args.out, "test_progs.json")
     if os.path.exists(tp):
-        rows += test_progs_results(tp)
+        rows += test_progs_results(tp, os.path.join(args.out, "test_progs.log"))
+    elif os.path.exists(os.path.join(args.out, "guest.env")) and "TEST_PROGS_ALLOW=\n" not in open(
+            os.path.join(args.out, "guest.env"), encoding="utf-8").read():
+        rows.append(("test_progs", "wrote its JSON results", "FAIL"))
 
     found = splats(log)
     for line in found:
