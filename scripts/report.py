@@ -103,13 +103,14 @@ def test_progs_results(jpath, logpath):
                 if sub is None:
                     tops[num] = (name, status_of[st])
                 else:
-                    subs.setdefault(num, []).append((name, status_of[st]))
+                    # The error summary at the end repeats failed lines.
+                    subs.setdefault(num, {})[sub] = (name, status_of[st])
     rows = []
     for num, (name, st) in tops.items():
-        for sname, sst in subs.get(num, []):
+        for sname, sst in subs.get(num, {}).values():
             rows.append(("test_progs", sname, sst))
         if not subs.get(num) or (st == "FAIL" and
-                                 all(x[1] != "FAIL" for x in subs[num])):
+                                 all(x[1] != "FAIL" for x in subs[num].values())):
             rows.append(("test_progs", name, st))
     # JSON "success" counts every test without errors (skipped ones too) and
     # "skipped" every test__skip() call, subtests included: compare the rest.

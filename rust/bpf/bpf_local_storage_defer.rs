@@ -1166,8 +1166,8 @@ mod tests {
 
         /// Interrupts `peer`, most likely in the middle of its producer thread's
         /// [`Engine::queue`]: an NMI that queues there (x86) if `use_nmi`, otherwise an
-        /// asynchronous IPI that does. Sent by the producer threads themselves, vCPU to vCPU, so that the
-        /// rate does not depend on the host's timers, which an emulator under load fires late.
+        /// asynchronous IPI that does. Sent by the producer threads themselves, CPU to CPU, so
+        /// that the rate does not depend on timers, which an emulator under load fires late.
         fn kick(self: &Arc<Self>, peer: CpuId, use_nmi: bool) {
             #[cfg(CONFIG_X86_LOCAL_APIC)]
             {
