@@ -334,7 +334,8 @@ void serial_test_ls_defer_map_free(void)
 	print_stats("delete", dst);
 	ASSERT_EQ(dst->task_del[LS_RC_OK] + dst->task_del[LS_RC_BUSY],
 		  ROUNDS * NR_WORKERS * PROG_SLOTS, "program task storage deletes");
-	ASSERT_EQ(dst->cgrp_del[LS_RC_OK] + dst->cgrp_del[LS_RC_BUSY],
+	/* the workers share the cgroup value: racing deletes may all return 0 */
+	ASSERT_GE(dst->cgrp_del[LS_RC_OK] + dst->cgrp_del[LS_RC_BUSY],
 		  ROUNDS * PROG_SLOTS, "program cgroup storage deletes");
 	ASSERT_EQ(dst->task_del[LS_RC_OTHER] + dst->cgrp_del[LS_RC_OTHER], 0,
 		  "program delete: unexpected error");
