@@ -24,7 +24,7 @@
 #define CG_PATH			"/ls_defer_hardirq"
 #define WORKERS_PER_CPU		2
 #define MAX_CPUS		32
-#define RUN_SECS		3
+#define RUN_SECS		5
 /* 20 kHz per CPU; perf throttles it if the guest cannot keep up */
 #define SAMPLE_PERIOD_NS	50000
 

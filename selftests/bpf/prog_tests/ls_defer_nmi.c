@@ -38,8 +38,8 @@
 
 #define CG_PATH			"/ls_defer_nmi"
 #define SELF_NMI_RUNS		64
-#define STORM_NMIS		4000
-#define STORM_GAP_US		30
+#define STORM_NMIS		10000
+#define STORM_GAP_US		20
 #define WORKERS_PER_CPU		2
 #define MAX_WORKERS		64
 #define PERF_SECS		2
