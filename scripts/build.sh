@@ -57,4 +57,6 @@ if [ -f "$tree/.lsdefer-overlay" ]; then
 	fi
 fi
 echo "$took" >"$obj/.lsdefer-last-build-secs"
+# Which variant the image is: BROKEN builds share this build dir.
+echo "${BROKEN:-none}" >"$obj/.lsdefer-image-variant"
 info "kernel built in ${took}s: $obj/$KIMAGE"

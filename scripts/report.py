@@ -78,7 +78,8 @@ def kunit_results(tree, dmesg, out):
     return rows
 
 
-RESULT_RE = re.compile(r"^#(\d+)(?:/(\d+))?\s+(\S+):(OK|SKIP|FAIL)$")
+# "#223     ls_defer_nmi:OK (SKIP: 1/3)": a test with skipped subtests.
+RESULT_RE = re.compile(r"^#(\d+)(?:/(\d+))?\s+(\S+):(OK|SKIP|FAIL)(?: \(SKIP: \d+/\d+\))?$")
 
 
 def test_progs_results(jpath, logpath):

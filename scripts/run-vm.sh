@@ -24,6 +24,9 @@ obj=$(build_dir)
 out=$(out_dir)
 image=$obj/$KIMAGE
 [ -f "$image" ] || die "no kernel image at $image: run 'make build' first"
+variant=$(cat "$obj/.lsdefer-image-variant" 2>/dev/null || echo unknown)
+[ "$variant" = "${BROKEN:-none}" ] ||
+	die "the image in $obj was built with BROKEN=$variant, not BROKEN=${BROKEN:-none}: run 'make build' with the same BROKEN first"
 command -v vng >/dev/null || die "vng not found: run 'make setup'"
 [ "$ARCH" = x86_64 ] || die "booting ARCH=$ARCH guests is not supported yet (it needs an arm64 root filesystem for vng --root)"
 command -v udevadm >/dev/null || die "vng's script mode needs udev on the host: run 'make setup'"
