@@ -24,6 +24,7 @@ every=${PROGRESS_SECS:-60}
 make -s -C "$tree" O="$obj" "${mk[@]}" rustavailable >/dev/null 2>&1 ||
 	die "make rustavailable says no: $(make -C "$tree" O="$obj" "${mk[@]}" rustavailable 2>&1 | tail -3)"
 
+rm -f "$obj/.lsdefer-image-variant"
 info "building $(kernel_version "$tree") ($ARCH, $(flavour)${SANITIZE:+, $SANITIZE}) in $obj, log: $log"
 start=$(date +%s)
 make -C "$tree" O="$obj" "${mk[@]}" -j"$jobs" all >"$log" 2>&1 &
