@@ -164,7 +164,8 @@ struct ls_leak_ck {
 	long long storage_waiting;
 };
 
-static inline bool ls_wait_refcnt(int refcnt, int timeout_ms)
+/* Polls (fast) until the module's reference count is down to refcnt */
+static inline int ls_poll_refcnt(int refcnt, int timeout_ms)
 {
 	__u64 deadline = get_time_ns() + (__u64)timeout_ms * 1000000;
 	int n;
@@ -174,6 +175,13 @@ static inline bool ls_wait_refcnt(int refcnt, int timeout_ms)
 			break;
 		usleep(500);
 	}
+	return n;
+}
+
+static inline bool ls_wait_refcnt(int refcnt, int timeout_ms)
+{
+	int n = ls_poll_refcnt(refcnt, timeout_ms);
+
 	if (n != refcnt)
 		printf("%s: module refcnt %d, want %d\n", __func__, n, refcnt);
 	return n == refcnt;

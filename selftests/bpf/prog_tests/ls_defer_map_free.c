@@ -21,11 +21,15 @@
  * free that does not flush fails here, or with a KASAN report in dmesg when
  * the late frees touch the freed map.
  *
- * In every other round a sleepable program sleeps in a Tasks Trace RCU
- * read-side critical section from before the first delete until after the
- * maps are dropped: no grace period can end, so every deleted element is
- * still queued when map free runs (it waits for the reader, then must free
- * them all, not only the batch whose grace period was in flight).
+ * In every other round a sleepable program (reader A) sleeps in a Tasks
+ * Trace RCU read-side critical section from before the first delete until
+ * after the maps are dropped: no grace period can end, so every deleted
+ * element is still queued when map free runs. Before A leaves, reader B
+ * enters: the grace period in flight (started before B) can end, the next
+ * one cannot. A map free that only waits for callbacks already queued
+ * (rcu_barrier_tasks_trace()) then returns with the elements of the next
+ * grace period still queued, and the check runs right then, while B holds
+ * them back. A map free that flushes waits for B instead.
  */
 #define _GNU_SOURCE
 #include <test_progs.h>
@@ -225,8 +229,9 @@ void serial_test_ls_defer_map_free(void)
 	struct worker_arg args[NR_WORKERS];
 	struct ls_defer_map_free *skel = NULL;
 	int nr_cpus, cgroup_fd, refcnt, round, i, s, nth = 0, pending_rounds = 0;
-	int waited_rounds = 0;
-	struct reader rd = {};
+	int waited_rounds = 0, freed_under_b = 0;
+	struct reader rd = {}, rd2 = {};
+	bool ok;
 	pthread_t th[NR_WORKERS];
 	struct ls_defer_stats *cst, *dst;
 	struct round_sync rs = {};
@@ -239,6 +244,7 @@ void serial_test_ls_defer_map_free(void)
 		cgrp_fds[i] = -1;
 	}
 	rd.uffd = -1;
+	rd2.uffd = -1;
 	if (!lsdefer_ready())
 		return;
 	cgroup_fd = test__join_cgroup(CG_PATH);
@@ -312,11 +318,24 @@ void serial_test_ls_defer_map_free(void)
 		if (!ls_engine_read(&e) && e.selem_queued != e.selem_freed)
 			pending_rounds++;
 		if (hold) {
-			/* let map free start and wait for the reader, then let it go */
+			/* map free starts and waits for A; B enters, A leaves */
 			usleep(50000);
 			if (lsdefer_refcnt() > refcnt)
 				waited_rounds++;
+			if (!hold_reader(&rd2, skel))
+				goto out;
 			release_reader(&rd);
+			if (ls_poll_refcnt(refcnt, 500) == refcnt) {
+				/* the maps are gone while B holds a grace period back */
+				freed_under_b++;
+				ok = ls_check_freed(&ck, "objects destroyed when the map is freed (B)");
+				release_reader(&rd2);
+				if (!ok) {
+					printf("%s: round %d, reader B\n", __func__, round);
+					goto out;
+				}
+			}
+			release_reader(&rd2);
 		}
 
 		if (!ASSERT_TRUE(ls_wait_refcnt(refcnt, 30000), "the round's maps freed"))
@@ -330,6 +349,8 @@ void serial_test_ls_defer_map_free(void)
 	       __func__, pending_rounds, ROUNDS);
 	printf("%s: %d of %d rounds' map frees waited for the sleeping reader\n",
 	       __func__, waited_rounds, (ROUNDS + 1) / 2);
+	printf("%s: %d of %d rounds' maps were freed while reader B held a grace period\n",
+	       __func__, freed_under_b, (ROUNDS + 1) / 2);
 	print_stats("create", cst);
 	print_stats("delete", dst);
 	ASSERT_EQ(dst->task_del[LS_RC_OK] + dst->task_del[LS_RC_BUSY],
@@ -343,6 +364,7 @@ void serial_test_ls_defer_map_free(void)
 	ASSERT_LT(cst->create_fail, cst->created / 10, "program create failures");
 out:
 	release_reader(&rd);
+	release_reader(&rd2);
 	if (skel)
 		skel->bss->mode = MODE_OFF;
 	if (nth) {
