@@ -32,6 +32,8 @@ stvars=(
 	PKG_CONFIG="pkg-config --static" EXTRA_LDFLAGS=-static
 	BPF_STRICT_BUILD=1
 )
+# A clang-built kernel (SANITIZE=kasan) needs its test modules built by clang.
+[ "$SANITIZE" != kasan ] || stvars+=("LLVM=-$LLVM_VER")
 
 info "building BPF selftests in $st (log: $log)"
 start=$(date +%s)
