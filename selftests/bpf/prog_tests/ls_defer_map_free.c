@@ -88,6 +88,21 @@ static void *worker_main(void *arg)
 	return NULL;
 }
 
+/* Values present in the first nr slots: each worker's task value, the cgroup's */
+static int count_values(int *task_fds, int *cgrp_fds, struct round_sync *rs, int cgroup_fd,
+			int nr)
+{
+	struct ls_defer_uval v;
+	int s, i, n = 0;
+
+	for (s = 0; s < nr; s++) {
+		for (i = 0; i < NR_WORKERS; i++)
+			n += !bpf_map_lookup_elem(task_fds[s], &rs->pidfd[i], &v);
+		n += !bpf_map_lookup_elem(cgrp_fds[s], &cgroup_fd, &v);
+	}
+	return n;
+}
+
 static void step(struct round_sync *rs)
 {
 	pthread_barrier_wait(&rs->start);
@@ -293,11 +308,18 @@ void serial_test_ls_defer_map_free(void)
 		if (!ASSERT_OK(create_maps(skel, task_fds, cgrp_fds), "create the round's maps"))
 			goto out;
 
+		/*
+		 * A tp_btf program preempted on a CPU makes the next task that
+		 * enters it there miss it (per-CPU recursion check): step again
+		 * until every value is there.
+		 */
 		skel->bss->mode = MODE_CREATE;
-		step(&rs);
+		for (i = 0; i < 100 && count_values(task_fds, cgrp_fds, &rs, cgroup_fd, NR_SLOTS) <
+				       (NR_WORKERS + 1) * NR_SLOTS; i++)
+			step(&rs);
 		if (!ASSERT_OK(rs.err, "worker pidfd") ||
-		    !ASSERT_EQ(cst->created + cst->create_fail,
-			       (__u64)(round + 1) * NR_WORKERS * NR_SLOTS * 2, "values filled"))
+		    !ASSERT_EQ(count_values(task_fds, cgrp_fds, &rs, cgroup_fd, NR_SLOTS),
+			       (NR_WORKERS + 1) * NR_SLOTS, "values created"))
 			goto out;
 
 		/* The program deletes half, syscalls the other half, at the same time */
@@ -311,7 +333,13 @@ void serial_test_ls_defer_map_free(void)
 				  "syscall delete cgroup storage");
 		}
 		pthread_barrier_wait(&rs.done);
+		for (i = 0; i < 100 && count_values(task_fds, cgrp_fds, &rs, cgroup_fd, PROG_SLOTS);
+		     i++)
+			step(&rs);
 		skel->bss->mode = MODE_OFF;
+		if (!ASSERT_EQ(count_values(task_fds, cgrp_fds, &rs, cgroup_fd, NR_SLOTS), 0,
+			       "values deleted"))
+			goto out;
 
 		/* and free the maps right away */
 		drop_maps(skel, task_fds, cgrp_fds);
@@ -353,15 +381,15 @@ void serial_test_ls_defer_map_free(void)
 	       __func__, freed_under_b, (ROUNDS + 1) / 2);
 	print_stats("create", cst);
 	print_stats("delete", dst);
-	ASSERT_EQ(dst->task_del[LS_RC_OK] + dst->task_del[LS_RC_BUSY],
-		  ROUNDS * NR_WORKERS * PROG_SLOTS, "program task storage deletes");
+	/* each worker's values: deleted once each, by its program (retried if busy) */
+	ASSERT_EQ(dst->task_del[LS_RC_OK], ROUNDS * NR_WORKERS * PROG_SLOTS,
+		  "program task storage deletes");
 	/* the workers share the cgroup value: racing deletes may all return 0 */
 	ASSERT_GE(dst->cgrp_del[LS_RC_OK] + dst->cgrp_del[LS_RC_BUSY],
 		  ROUNDS * PROG_SLOTS, "program cgroup storage deletes");
 	ASSERT_EQ(dst->task_del[LS_RC_OTHER] + dst->cgrp_del[LS_RC_OTHER], 0,
 		  "program delete: unexpected error");
 	ASSERT_EQ(cst->obj_fail, 0, "program object failures");
-	ASSERT_LT(cst->create_fail, cst->created / 10, "program create failures");
 out:
 	release_reader(&rd);
 	release_reader(&rd2);
