@@ -356,7 +356,7 @@ void serial_test_ls_defer_map_free(void)
 			if (ls_poll_refcnt(refcnt, 500) == refcnt) {
 				/* the maps are gone while B holds a grace period back */
 				freed_under_b++;
-				ok = ls_check_freed(&ck, "objects destroyed when the map is freed (B)");
+				ok = ls_check_freed(&ck, "objects destroyed at map free (B)");
 				release_reader(&rd2);
 				if (!ok) {
 					printf("%s: round %d, reader B\n", __func__, round);
