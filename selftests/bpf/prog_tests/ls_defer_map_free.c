@@ -45,6 +45,8 @@
 #define NR_WORKERS	8
 #define NR_SLOTS	4	/* as in progs/ls_defer_map_free.c */
 #define PROG_SLOTS	2
+/* how long B holds the next grace period back: SRCU polls its readers lazily */
+#define B_HOLD_MS	2000
 #define MODE_OFF	0
 #define MODE_CREATE	1
 #define MODE_DELETE	2
@@ -353,7 +355,7 @@ void serial_test_ls_defer_map_free(void)
 			if (!hold_reader(&rd2, skel))
 				goto out;
 			release_reader(&rd);
-			if (ls_poll_refcnt(refcnt, 500) == refcnt) {
+			if (ls_poll_refcnt(refcnt, B_HOLD_MS) == refcnt) {
 				/* the maps are gone while B holds a grace period back */
 				freed_under_b++;
 				ok = ls_check_freed(&ck, "objects destroyed at map free (B)");
