@@ -45,6 +45,8 @@
 #define NR_WORKERS	8
 #define NR_SLOTS	4	/* as in progs/ls_defer_map_free.c */
 #define PROG_SLOTS	2
+/* how long A holds the grace period in flight after the maps are dropped */
+#define A_HOLD_MS	1000
 /* how long B holds the next grace period back: SRCU polls its readers lazily */
 #define B_HOLD_MS	2000
 #define MODE_OFF	0
@@ -348,8 +350,13 @@ void serial_test_ls_defer_map_free(void)
 		if (!ls_engine_read(&e) && e.selem_queued != e.selem_freed)
 			pending_rounds++;
 		if (hold) {
-			/* map free starts and waits for A; B enters, A leaves */
-			usleep(50000);
+			/*
+			 * Map free starts and waits for A (it must be waiting
+			 * before A leaves: a barrier that starts after the
+			 * chain re-armed waits for the next grace period too);
+			 * then B enters and A leaves.
+			 */
+			usleep(A_HOLD_MS * 1000);
 			if (lsdefer_refcnt() > refcnt)
 				waited_rounds++;
 			if (!hold_reader(&rd2, skel))
