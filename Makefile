@@ -56,11 +56,14 @@ report:
 	python3 $(S)/report.py --tree "$$(tree_dir)" --out "$$(out_dir)" \
 		--label "$$ARCH $$(flavour)$${SANITIZE:+ $$SANITIZE}$${BROKEN:+ BROKEN=$$BROKEN}" "$${expect[@]}"
 
+# One lock for build, selftests and boot: another job (BROKEN=, a helper's
+# run) must not swap the image in between.
 vmtest: setup
 	@start=$$(date +%s); \
-	$(MAKE) -s --no-print-directory build; \
-	[ "$${SELFTESTS:-1}" = 0 ] || $(MAKE) -s --no-print-directory selftests; \
-	vmrc=0; $(MAKE) -s --no-print-directory vm || vmrc=$$?; \
+	vmrc=0; $(S)/locked.sh bash -c '\
+		$(MAKE) -s --no-print-directory build && \
+		{ [ "$${SELFTESTS:-1}" = 0 ] || $(MAKE) -s --no-print-directory selftests; } && \
+		$(MAKE) -s --no-print-directory vm' || vmrc=$$?; \
 	$(MAKE) -s --no-print-directory report || vmrc=1; \
 	echo "==> vmtest took $$(( $$(date +%s) - start ))s"; \
 	exit $$vmrc
