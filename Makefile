@@ -60,6 +60,7 @@ report:
 # run) must not swap the image in between.
 vmtest: setup
 	@start=$$(date +%s); \
+	$(LIB); rm -rf "$$(out_dir)"; \
 	vmrc=0; $(S)/locked.sh bash -c '\
 		$(MAKE) -s --no-print-directory build && \
 		{ [ "$${SELFTESTS:-1}" = 0 ] || $(MAKE) -s --no-print-directory selftests; } && \
