@@ -35,6 +35,19 @@ stvars=(
 # A clang-built kernel (SANITIZE=kasan) needs its test modules built by clang.
 [ "$SANITIZE" != kasan ] || stvars+=("LLVM=-$LLVM_VER")
 
+# test_kmods/ builds in the tree, which every flavour of this tree shares
+# (ours, ours with SANITIZE=kasan): kbuild there does not notice that the
+# kernel it builds against changed, and its objects would be linked for the
+# wrong kernel ("struct module size must match"). Start them afresh when the
+# build dir changes, and the copies in the build dir too.
+stamp=$st/test_kmods/.lsdefer-built-for
+if [ "$(cat "$stamp" 2>/dev/null)" != "$obj" ]; then
+	info "test_kmods last built for another kernel: cleaning them"
+	find "$st/test_kmods" -maxdepth 1 -type f \
+		! -name '*.c' ! -name '*.h' ! -name Makefile -delete
+	rm -f "$obj"/bpf_test*.ko
+fi
+
 info "building BPF selftests in $st (log: $log)"
 start=$(date +%s)
 rc=0
@@ -43,6 +56,8 @@ if [ "$rc" != 0 ]; then
 	grep -E 'error|Error' "$log" | head -30 >&2 || true
 	die "selftests build failed (exit $rc); full log: $log"
 fi
+
+printf '%s\n' "$obj" >"$stamp"
 
 if [ -f "$REPO/Kbuild" ]; then
 	info "building our test module(s) from $REPO/Kbuild"

@@ -5,7 +5,7 @@
 # have already run during boot. Then, if the host prepared them (OUTDIR/guest.env
 # sets SELFTESTS_DIR, TEST_PROGS_ALLOW, TEST_MAPS, KMODS):
 #   - load our test modules (KMODS),
-#   - run test_progs -a "$TEST_PROGS_ALLOW" -J OUTDIR/test_progs.json,
+#   - run test_progs -v -a "$TEST_PROGS_ALLOW" -J OUTDIR/test_progs.json,
 #   - run test_maps when TEST_MAPS=1.
 # The kernel log is saved last (OUTDIR/dmesg.txt), so splats from the
 # selftests are in it; OUTDIR/guest-done tells the host the script finished.
@@ -36,7 +36,8 @@ if [ -n "$SELFTESTS_DIR" ]; then
 		echo "==> guest: test_progs -a $TEST_PROGS_ALLOW"
 		start=$(date +%s)
 		rc=0
-		./test_progs -a "$TEST_PROGS_ALLOW" -J "$out/test_progs.json" \
+		# -v: every test's own output is kept, passing ones too
+		./test_progs -v -a "$TEST_PROGS_ALLOW" -J "$out/test_progs.json" \
 			>"$out/test_progs.log" 2>&1 || rc=$?
 		grep -E '^(#[0-9]|Summary)' "$out/test_progs.log" || true
 		echo "==> guest: test_progs exit $rc after $(($(date +%s) - start))s"

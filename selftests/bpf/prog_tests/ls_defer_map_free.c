@@ -21,15 +21,27 @@
  * free that does not flush fails here, or with a KASAN report in dmesg when
  * the late frees touch the freed map.
  *
- * In every other round a sleepable program (reader A) sleeps in a Tasks
+ * Every other round has a single task storage map, whose values the program
+ * deletes: once that map is freed, no object of the round may be left (with
+ * several maps, freed one at a time, objects of the others legitimately are).
+ * A sleepable program (reader A) sleeps in a Tasks
  * Trace RCU read-side critical section from before the first delete until
  * after the maps are dropped: no grace period can end, so every deleted
- * element is still queued when map free runs. Before A leaves, reader B
- * enters: the grace period in flight (started before B) can end, the next
- * one cannot. A map free that only waits for callbacks already queued
- * (rcu_barrier_tasks_trace()) then returns with the elements of the next
- * grace period still queued, and the check runs right then, while B holds
- * them back. A map free that flushes waits for B instead.
+ * element is still queued when map free runs. Then readers hand over: each
+ * new reader enters before the previous one leaves, so that the grace period
+ * in flight can end and the next one cannot. The first grace period's
+ * callbacks re-arm the chain for the elements that arrived meanwhile; a map
+ * free that only waits for callbacks already queued
+ * (rcu_barrier_tasks_trace()) returns while those still wait, one or two
+ * grace periods behind (two engines, selems and storages, start their chains
+ * at different times, and the barrier waits for the later one). After each
+ * handover, if the maps are gone, the check runs right then, while the
+ * current reader holds the rest back. A map free that flushes has freed
+ * everything by the time it returns.
+ *
+ * Those rounds run on CPU 0 alone (workers, syscalls, and the creates, whose
+ * losing racers free a value): the engine chains grace periods per CPU, and
+ * fewer chains started at different times mean fewer handovers needed.
  */
 #define _GNU_SOURCE
 #include <test_progs.h>
@@ -47,8 +59,10 @@
 #define PROG_SLOTS	2
 /* how long A holds the grace period in flight after the maps are dropped */
 #define A_HOLD_MS	1000
-/* how long B holds the next grace period back: SRCU polls its readers lazily */
-#define B_HOLD_MS	2000
+/* readers after A; each holds the next grace period back for up to HOLD_MS */
+#define NR_HANDOVERS	3
+/* SRCU polls its readers lazily: give a grace period time to end */
+#define HOLD_MS		2000
 #define MODE_OFF	0
 #define MODE_CREATE	1
 #define MODE_DELETE	2
@@ -58,6 +72,7 @@ struct round_sync {
 	pthread_barrier_t done;
 	int ready;	/* the barriers are set up */
 	int quit;
+	int one_cpu;	/* >= 0: every worker runs there, else on cpu[] */
 	int pidfd[NR_WORKERS];
 	int cpu[NR_WORKERS];
 	int err;
@@ -73,6 +88,7 @@ static void *worker_main(void *arg)
 {
 	struct worker_arg *a = arg;
 	struct round_sync *rs = a->rs;
+	int on = -1, want;
 
 	ls_pin_cpu(rs->cpu[a->idx]);
 	rs->pidfd[a->idx] = ls_self_pidfd();
@@ -86,6 +102,11 @@ static void *worker_main(void *arg)
 		pthread_barrier_wait(&rs->start);
 		if (ls_load(&rs->quit))
 			break;
+		want = ls_load(&rs->one_cpu);
+		if (want != on) {
+			ls_pin_cpu(want >= 0 ? want : rs->cpu[a->idx]);
+			on = want;
+		}
 		syscall(SYS_getppid);
 		pthread_barrier_wait(&rs->done);
 	}
@@ -113,7 +134,9 @@ static void step(struct round_sync *rs)
 	pthread_barrier_wait(&rs->done);
 }
 
-static int create_maps(struct ls_defer_map_free *skel, int *task_fds, int *cgrp_fds)
+/* Task storage maps in the first nr slots, and cgroup storage maps if cgrp */
+static int create_maps(struct ls_defer_map_free *skel, int *task_fds, int *cgrp_fds, int nr,
+		       bool cgrp)
 {
 	LIBBPF_OPTS(bpf_map_create_opts, opts);
 	int outer_task = bpf_map__fd(skel->maps.outer_task);
@@ -124,18 +147,19 @@ static int create_maps(struct ls_defer_map_free *skel, int *task_fds, int *cgrp_
 	opts.btf_key_type_id = bpf_map__btf_key_type_id(skel->maps.inner_task);
 	opts.btf_value_type_id = bpf_map__btf_value_type_id(skel->maps.inner_task);
 	opts.map_flags = BPF_F_NO_PREALLOC;
-	for (i = 0; i < NR_SLOTS; i++) {
+	for (i = 0; i < nr; i++) {
 		task_fds[i] = bpf_map_create(BPF_MAP_TYPE_TASK_STORAGE, "ls_round_task",
 					     sizeof(int), sizeof(struct ls_defer_uval), 0,
 					     &opts);
-		if (task_fds[i] < 0)
+		if (task_fds[i] < 0 ||
+		    bpf_map_update_elem(outer_task, &i, &task_fds[i], BPF_ANY))
 			return -errno;
+		if (!cgrp)
+			continue;
 		cgrp_fds[i] = bpf_map_create(BPF_MAP_TYPE_CGRP_STORAGE, "ls_round_cgrp",
 					     sizeof(int), sizeof(struct ls_defer_uval), 0,
 					     &opts);
-		if (cgrp_fds[i] < 0)
-			return -errno;
-		if (bpf_map_update_elem(outer_task, &i, &task_fds[i], BPF_ANY) ||
+		if (cgrp_fds[i] < 0 ||
 		    bpf_map_update_elem(outer_cgrp, &i, &cgrp_fds[i], BPF_ANY))
 			return -errno;
 	}
@@ -230,6 +254,18 @@ static void release_reader(struct reader *r)
 	r->page = NULL;
 }
 
+/* Where a round stands: maps not yet freed, elements still in the engine */
+static void note(int round, const char *when, int refcnt)
+{
+	struct ls_engine e;
+
+	if (ls_engine_read(&e))
+		return;
+	printf("round %d, %s: maps alive %d, engine waiting: selem %lld storage %lld\n",
+	       round, when, lsdefer_refcnt() - refcnt, e.selem_queued - e.selem_freed,
+	       e.storage_queued - e.storage_freed);
+}
+
 static void print_stats(const char *name, const struct ls_defer_stats *st)
 {
 	printf("%s: runs %llu created %llu create_fail %llu obj_fail %llu\n",
@@ -248,9 +284,9 @@ void serial_test_ls_defer_map_free(void)
 	struct worker_arg args[NR_WORKERS];
 	struct ls_defer_map_free *skel = NULL;
 	int nr_cpus, cgroup_fd, refcnt, round, i, s, nth = 0, pending_rounds = 0;
-	int waited_rounds = 0, freed_under_b = 0;
-	struct reader rd = {}, rd2 = {};
-	bool ok;
+	int waited_rounds = 0, freed_held = 0, k;
+	__u64 exp_task_del = 0, exp_cgrp_del = 0;
+	struct reader rd[NR_HANDOVERS + 1] = {};
 	pthread_t th[NR_WORKERS];
 	struct ls_defer_stats *cst, *dst;
 	struct round_sync rs = {};
@@ -262,8 +298,8 @@ void serial_test_ls_defer_map_free(void)
 		task_fds[i] = -1;
 		cgrp_fds[i] = -1;
 	}
-	rd.uffd = -1;
-	rd2.uffd = -1;
+	for (k = 0; k <= NR_HANDOVERS; k++)
+		rd[k].uffd = -1;
 	if (!lsdefer_ready())
 		return;
 	cgroup_fd = test__join_cgroup(CG_PATH);
@@ -284,6 +320,7 @@ void serial_test_ls_defer_map_free(void)
 	refcnt = lsdefer_refcnt();
 
 	nr_cpus = ls_nr_cpus();
+	rs.one_cpu = -1;
 	for (i = 0; i < NR_WORKERS; i++) {
 		rs.cpu[i] = i % nr_cpus;
 		rs.pidfd[i] = -1;
@@ -305,11 +342,18 @@ void serial_test_ls_defer_map_free(void)
 	ls_store(&rs.ready, 1);
 
 	for (round = 0; round < ROUNDS; round++) {
+		/* hold rounds: one task storage map, deleted from by the program */
 		bool hold = !(round & 1);
+		int nr = hold ? 1 : NR_SLOTS, nr_prog = nr < PROG_SLOTS ? nr : PROG_SLOTS;
+		int want = nr * NR_WORKERS + (hold ? 0 : nr);
 
-		if (hold && !hold_reader(&rd, skel))
-			goto out;
-		if (!ASSERT_OK(create_maps(skel, task_fds, cgrp_fds), "create the round's maps"))
+		if (hold) {
+			ls_store(&rs.one_cpu, 0);
+			if (!ASSERT_OK(ls_pin_cpu(0), "pin to CPU 0") || !hold_reader(&rd[0], skel))
+				goto out;
+		}
+		if (!ASSERT_OK(create_maps(skel, task_fds, cgrp_fds, nr, !hold),
+			       "create the round's maps"))
 			goto out;
 
 		/*
@@ -318,18 +362,18 @@ void serial_test_ls_defer_map_free(void)
 		 * until every value is there.
 		 */
 		skel->bss->mode = MODE_CREATE;
-		for (i = 0; i < 100 && count_values(task_fds, cgrp_fds, &rs, cgroup_fd, NR_SLOTS) <
-				       (NR_WORKERS + 1) * NR_SLOTS; i++)
+		for (i = 0; i < 100 && count_values(task_fds, cgrp_fds, &rs, cgroup_fd, nr) < want;
+		     i++)
 			step(&rs);
 		if (!ASSERT_OK(rs.err, "worker pidfd") ||
-		    !ASSERT_EQ(count_values(task_fds, cgrp_fds, &rs, cgroup_fd, NR_SLOTS),
-			       (NR_WORKERS + 1) * NR_SLOTS, "values created"))
+		    !ASSERT_EQ(count_values(task_fds, cgrp_fds, &rs, cgroup_fd, nr), want,
+			       "values created"))
 			goto out;
 
 		/* The program deletes half, syscalls the other half, at the same time */
 		skel->bss->mode = MODE_DELETE;
 		pthread_barrier_wait(&rs.start);
-		for (s = PROG_SLOTS; s < NR_SLOTS; s++) {
+		for (s = PROG_SLOTS; s < nr; s++) {
 			for (i = 0; i < NR_WORKERS; i++)
 				ASSERT_OK(bpf_map_delete_elem(task_fds[s], &rs.pidfd[i]),
 					  "syscall delete task storage");
@@ -337,9 +381,11 @@ void serial_test_ls_defer_map_free(void)
 				  "syscall delete cgroup storage");
 		}
 		pthread_barrier_wait(&rs.done);
-		for (i = 0; i < 100 && count_values(task_fds, cgrp_fds, &rs, cgroup_fd, PROG_SLOTS);
+		for (i = 0; i < 100 && count_values(task_fds, cgrp_fds, &rs, cgroup_fd, nr_prog);
 		     i++)
 			step(&rs);
+		exp_task_del += NR_WORKERS * nr_prog;
+		exp_cgrp_del += hold ? 0 : nr_prog;
 		skel->bss->mode = MODE_OFF;
 		if (!ASSERT_EQ(count_values(task_fds, cgrp_fds, &rs, cgroup_fd, NR_SLOTS), 0,
 			       "values deleted"))
@@ -351,28 +397,36 @@ void serial_test_ls_defer_map_free(void)
 			pending_rounds++;
 		if (hold) {
 			/*
-			 * Map free starts and waits for A (it must be waiting
-			 * before A leaves: a barrier that starts after the
-			 * chain re-armed waits for the next grace period too);
-			 * then B enters and A leaves.
+			 * Map free starts and waits for A: it must be waiting
+			 * before A leaves, or it waits for what A's grace
+			 * period's callbacks re-arm.
 			 */
+			note(round, "maps dropped", refcnt);
 			usleep(A_HOLD_MS * 1000);
 			if (lsdefer_refcnt() > refcnt)
 				waited_rounds++;
-			if (!hold_reader(&rd2, skel))
-				goto out;
-			release_reader(&rd);
-			if (ls_poll_refcnt(refcnt, B_HOLD_MS) == refcnt) {
-				/* the maps are gone while B holds a grace period back */
-				freed_under_b++;
-				ok = ls_check_freed(&ck, "objects destroyed at map free (B)");
-				release_reader(&rd2);
-				if (!ok) {
-					printf("%s: round %d, reader B\n", __func__, round);
+			for (k = 1; k <= NR_HANDOVERS; k++) {
+				if (!hold_reader(&rd[k], skel))
+					goto out;
+				release_reader(&rd[k - 1]);
+				if (ls_poll_refcnt(refcnt, HOLD_MS) != refcnt) {
+					note(round, "handover, maps alive", refcnt);
+					continue;
+				}
+				/* the maps are gone while reader k holds a grace period back */
+				note(round, "handover, maps freed", refcnt);
+				freed_held++;
+				if (!ls_check_freed(&ck, "objects destroyed at map free (reader held)")) {
+					printf("%s: round %d, map free returned before reader %d left\n",
+					       __func__, round, k);
 					goto out;
 				}
+				break;
 			}
-			release_reader(&rd2);
+			for (k = 0; k <= NR_HANDOVERS; k++)
+				release_reader(&rd[k]);
+			ls_store(&rs.one_cpu, -1);
+			ls_unpin();
 		}
 
 		if (!ASSERT_TRUE(ls_wait_refcnt(refcnt, 30000), "the round's maps freed"))
@@ -386,22 +440,22 @@ void serial_test_ls_defer_map_free(void)
 	       __func__, pending_rounds, ROUNDS);
 	printf("%s: %d of %d rounds' map frees waited for the sleeping reader\n",
 	       __func__, waited_rounds, (ROUNDS + 1) / 2);
-	printf("%s: %d of %d rounds' maps were freed while reader B held a grace period\n",
-	       __func__, freed_under_b, (ROUNDS + 1) / 2);
+	printf("%s: %d of %d rounds' maps were freed while a reader held a grace period\n",
+	       __func__, freed_held, (ROUNDS + 1) / 2);
 	print_stats("create", cst);
 	print_stats("delete", dst);
 	/* each worker's values: deleted once each, by its program (retried if busy) */
-	ASSERT_EQ(dst->task_del[LS_RC_OK], ROUNDS * NR_WORKERS * PROG_SLOTS,
-		  "program task storage deletes");
+	ASSERT_EQ(dst->task_del[LS_RC_OK], exp_task_del, "program task storage deletes");
 	/* the workers share the cgroup value: racing deletes may all return 0 */
 	ASSERT_GE(dst->cgrp_del[LS_RC_OK] + dst->cgrp_del[LS_RC_BUSY],
-		  ROUNDS * PROG_SLOTS, "program cgroup storage deletes");
+		  exp_cgrp_del, "program cgroup storage deletes");
 	ASSERT_EQ(dst->task_del[LS_RC_OTHER] + dst->cgrp_del[LS_RC_OTHER], 0,
 		  "program delete: unexpected error");
 	ASSERT_EQ(cst->obj_fail, 0, "program object failures");
 out:
-	release_reader(&rd);
-	release_reader(&rd2);
+	for (k = 0; k <= NR_HANDOVERS; k++)
+		release_reader(&rd[k]);
+	ls_unpin();
 	if (skel)
 		skel->bss->mode = MODE_OFF;
 	if (nth) {

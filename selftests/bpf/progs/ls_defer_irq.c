@@ -39,6 +39,11 @@ bool irq_recreate;
 bool sys_churn;
 /* Only this syscall number triggers sys_churn (-1: any). */
 long sys_churn_nr = -1;
+/*
+ * Deletes and re-creates per syscall: more producers per second in task
+ * context, so more interrupts land in the middle of one.
+ */
+int sys_churn_loops = 1;
 /* The cgroup SEC("syscall") fill creates storage for. */
 u64 fill_cgid;
 
@@ -111,19 +116,11 @@ int perf_delete(void *ctx)
  * leaves perf_event programs free to run from an interrupt that lands in the
  * middle of its delete.
  */
-SEC("tp_btf/sys_enter")
-int BPF_PROG(sys_enter_churn, struct pt_regs *regs, long id)
+static int sys_churn_one(__u32 i, void *data)
 {
-	struct task_struct *task;
+	struct task_struct *task = bpf_get_current_task_btf();
 	struct cgroup *cgrp;
 	long rc;
-
-	if (!sys_churn || (sys_churn_nr >= 0 && id != sys_churn_nr))
-		return 0;
-	task = bpf_get_current_task_btf();
-	if (!is_target(task))
-		return 0;
-	__sync_fetch_and_add(&sys_st.runs, 1);
 
 	rc = bpf_task_storage_delete(&task_map, task);
 	ls_count(sys_st.task_del, &sys_st.other_err, rc);
@@ -135,6 +132,20 @@ int BPF_PROG(sys_enter_churn, struct pt_regs *regs, long id)
 	ls_count(sys_st.cgrp_del, &sys_st.other_err, rc);
 	ls_fill(&sys_st, bpf_cgrp_storage_get(&cgrp_map, cgrp, 0,
 					      BPF_LOCAL_STORAGE_GET_F_CREATE));
+	return 0;
+}
+
+SEC("tp_btf/sys_enter")
+int BPF_PROG(sys_enter_churn, struct pt_regs *regs, long id)
+{
+	int n = sys_churn_loops;
+
+	if (!sys_churn || (sys_churn_nr >= 0 && id != sys_churn_nr))
+		return 0;
+	if (!is_target(bpf_get_current_task_btf()))
+		return 0;
+	__sync_fetch_and_add(&sys_st.runs, 1);
+	bpf_loop(n > 0 && n <= 64 ? n : 1, sys_churn_one, NULL, 0);
 	return 0;
 }
 
