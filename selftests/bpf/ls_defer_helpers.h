@@ -27,17 +27,6 @@ struct lsdefer_snap {
 	long long v[LSDEFER_CNT_NR];
 };
 
-static const char * const lsdefer_cnt_names[LSDEFER_CNT_NR] = {
-	[LSDEFER_CNT_CREATED]		= "created",
-	[LSDEFER_CNT_DESTROYED]		= "destroyed",
-	[LSDEFER_CNT_DTOR]		= "dtor",
-	[LSDEFER_CNT_BAD]		= "bad",
-	[LSDEFER_CNT_SEQ]		= "seq",
-	[LSDEFER_CNT_LAST_DTOR_SEQ]	= "last_dtor_seq",
-	[LSDEFER_CNT_NMI]		= "nmi",
-	[LSDEFER_CNT_NMI_LOST]		= "nmi_lost",
-};
-
 static inline int lsdefer_read(struct lsdefer_snap *s)
 {
 	char name[32];
@@ -234,6 +223,23 @@ static inline bool ls_leak_end(const struct ls_leak_ck *ck)
 	if (!ASSERT_TRUE(ls_wait_refcnt(ck->refcnt, 60000), "maps and programs freed"))
 		return false;
 	return ls_check_freed(ck, "every kptr object destroyed once its map is freed");
+}
+
+/* What one program (or context) counted */
+static inline void ls_print_stats(const char *name, const struct ls_defer_stats *st)
+{
+	printf("%s: runs %llu foreign %llu nmi %llu hardirq %llu arg_nmi %llu\n",
+	       name, st->runs, st->foreign, st->in_nmi, st->in_hardirq, st->arg_nmi);
+	printf("%s: created %llu create_fail %llu obj_fail %llu\n",
+	       name, st->created, st->create_fail, st->obj_fail);
+	printf("%s: task del ok %llu enoent %llu eopnotsupp %llu busy %llu other %llu (%lld)\n",
+	       name, st->task_del[LS_RC_OK], st->task_del[LS_RC_ENOENT],
+	       st->task_del[LS_RC_EOPNOTSUPP], st->task_del[LS_RC_BUSY],
+	       st->task_del[LS_RC_OTHER], st->other_err);
+	printf("%s: cgrp del ok %llu enoent %llu eopnotsupp %llu busy %llu other %llu\n",
+	       name, st->cgrp_del[LS_RC_OK], st->cgrp_del[LS_RC_ENOENT],
+	       st->cgrp_del[LS_RC_EOPNOTSUPP], st->cgrp_del[LS_RC_BUSY],
+	       st->cgrp_del[LS_RC_OTHER]);
 }
 
 static inline int ls_nr_cpus(void)

@@ -46,6 +46,20 @@ enum lsdefer_counter {
 	LSDEFER_CNT_NR,
 };
 
+#if !defined(__bpf__)
+/* Their names in the stats file, for the module and for test_progs */
+static const char * const lsdefer_cnt_names[LSDEFER_CNT_NR] = {
+	[LSDEFER_CNT_CREATED]		= "created",
+	[LSDEFER_CNT_DESTROYED]		= "destroyed",
+	[LSDEFER_CNT_DTOR]		= "dtor",
+	[LSDEFER_CNT_BAD]		= "bad",
+	[LSDEFER_CNT_SEQ]		= "seq",
+	[LSDEFER_CNT_LAST_DTOR_SEQ]	= "last_dtor_seq",
+	[LSDEFER_CNT_NMI]		= "nmi",
+	[LSDEFER_CNT_NMI_LOST]		= "nmi_lost",
+};
+#endif
+
 /* bpf_lsdefer_ctx(): the context a program runs in */
 #define LSDEFER_CTX_NMI		1U
 #define LSDEFER_CTX_HARDIRQ	2U

@@ -46,17 +46,6 @@
 
 static atomic64_t lsdefer_cnt[LSDEFER_CNT_NR];
 
-static const char * const lsdefer_cnt_name[LSDEFER_CNT_NR] = {
-	[LSDEFER_CNT_CREATED]		= "created",
-	[LSDEFER_CNT_DESTROYED]		= "destroyed",
-	[LSDEFER_CNT_DTOR]		= "dtor",
-	[LSDEFER_CNT_BAD]		= "bad",
-	[LSDEFER_CNT_SEQ]		= "seq",
-	[LSDEFER_CNT_LAST_DTOR_SEQ]	= "last_dtor_seq",
-	[LSDEFER_CNT_NMI]		= "nmi",
-	[LSDEFER_CNT_NMI_LOST]		= "nmi_lost",
-};
-
 static void lsdefer_obj_destroy(struct lsdefer_obj *obj, bool dtor)
 {
 	/*
@@ -320,7 +309,7 @@ static int lsdefer_stats_show(struct seq_file *m, void *v)
 	int i;
 
 	for (i = 0; i < LSDEFER_CNT_NR; i++)
-		seq_printf(m, "%s %lld\n", lsdefer_cnt_name[i],
+		seq_printf(m, "%s %lld\n", lsdefer_cnt_names[i],
 			   (long long)atomic64_read(&lsdefer_cnt[i]));
 	return 0;
 }

@@ -35,22 +35,6 @@ static void getppid_step(struct ls_worker *w)
 	syscall(SYS_getppid);
 }
 
-static void print_stats(const char *name, const struct ls_defer_stats *st)
-{
-	printf("%s: runs %llu foreign %llu nmi %llu hardirq %llu\n",
-	       name, st->runs, st->foreign, st->in_nmi, st->in_hardirq);
-	printf("%s: created %llu create_fail %llu obj_fail %llu\n",
-	       name, st->created, st->create_fail, st->obj_fail);
-	printf("%s: task del ok %llu enoent %llu eopnotsupp %llu busy %llu other %llu (%lld)\n",
-	       name, st->task_del[LS_RC_OK], st->task_del[LS_RC_ENOENT],
-	       st->task_del[LS_RC_EOPNOTSUPP], st->task_del[LS_RC_BUSY],
-	       st->task_del[LS_RC_OTHER], st->other_err);
-	printf("%s: cgrp del ok %llu enoent %llu eopnotsupp %llu busy %llu other %llu\n",
-	       name, st->cgrp_del[LS_RC_OK], st->cgrp_del[LS_RC_ENOENT],
-	       st->cgrp_del[LS_RC_EOPNOTSUPP], st->cgrp_del[LS_RC_BUSY],
-	       st->cgrp_del[LS_RC_OTHER]);
-}
-
 void serial_test_ls_defer_hardirq(void)
 {
 	struct perf_event_attr attr = {
@@ -125,8 +109,8 @@ void serial_test_ls_defer_hardirq(void)
 	bpf_link__destroy(sys_link);
 	sys_link = NULL;
 
-	print_stats("perf", st);
-	print_stats("tp_btf", sys);
+	ls_print_stats("perf", st);
+	ls_print_stats("tp_btf", sys);
 	ASSERT_GT(st->runs, 0, "timer program runs for the workers");
 	ASSERT_EQ(st->in_nmi, 0, "cpu-clock is not an NMI");
 	ASSERT_EQ(st->in_hardirq, st->runs, "timer program runs in hard interrupt context");

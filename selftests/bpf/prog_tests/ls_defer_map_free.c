@@ -266,18 +266,6 @@ static void note(int round, const char *when, int refcnt)
 	       e.storage_queued - e.storage_freed);
 }
 
-static void print_stats(const char *name, const struct ls_defer_stats *st)
-{
-	printf("%s: runs %llu created %llu create_fail %llu obj_fail %llu\n",
-	       name, st->runs, st->created, st->create_fail, st->obj_fail);
-	printf("%s: task del ok %llu enoent %llu busy %llu other %llu (%lld)\n",
-	       name, st->task_del[LS_RC_OK], st->task_del[LS_RC_ENOENT],
-	       st->task_del[LS_RC_BUSY], st->task_del[LS_RC_OTHER], st->other_err);
-	printf("%s: cgrp del ok %llu enoent %llu busy %llu other %llu\n",
-	       name, st->cgrp_del[LS_RC_OK], st->cgrp_del[LS_RC_ENOENT],
-	       st->cgrp_del[LS_RC_BUSY], st->cgrp_del[LS_RC_OTHER]);
-}
-
 void serial_test_ls_defer_map_free(void)
 {
 	int task_fds[NR_SLOTS], cgrp_fds[NR_SLOTS];
@@ -442,8 +430,8 @@ void serial_test_ls_defer_map_free(void)
 	       __func__, waited_rounds, (ROUNDS + 1) / 2);
 	printf("%s: %d of %d rounds' maps were freed while a reader held a grace period\n",
 	       __func__, freed_held, (ROUNDS + 1) / 2);
-	print_stats("create", cst);
-	print_stats("delete", dst);
+	ls_print_stats("create", cst);
+	ls_print_stats("delete", dst);
 	/* each worker's values: deleted once each, by its program (retried if busy) */
 	ASSERT_EQ(dst->task_del[LS_RC_OK], exp_task_del, "program task storage deletes");
 	/* the workers share the cgroup value: racing deletes may all return 0 */

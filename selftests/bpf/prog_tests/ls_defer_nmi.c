@@ -83,22 +83,6 @@ static void nmi_test_close(struct nmi_test *t)
 	ls_leak_end(&t->ck);
 }
 
-static void print_stats(const char *name, const struct ls_defer_stats *st)
-{
-	printf("%s: runs %llu foreign %llu nmi %llu hardirq %llu arg_nmi %llu\n",
-	       name, st->runs, st->foreign, st->in_nmi, st->in_hardirq, st->arg_nmi);
-	printf("%s: created %llu create_fail %llu obj_fail %llu\n",
-	       name, st->created, st->create_fail, st->obj_fail);
-	printf("%s: task del ok %llu enoent %llu eopnotsupp %llu busy %llu other %llu (%lld)\n",
-	       name, st->task_del[LS_RC_OK], st->task_del[LS_RC_ENOENT],
-	       st->task_del[LS_RC_EOPNOTSUPP], st->task_del[LS_RC_BUSY],
-	       st->task_del[LS_RC_OTHER], st->other_err);
-	printf("%s: cgrp del ok %llu enoent %llu eopnotsupp %llu busy %llu other %llu\n",
-	       name, st->cgrp_del[LS_RC_OK], st->cgrp_del[LS_RC_ENOENT],
-	       st->cgrp_del[LS_RC_EOPNOTSUPP], st->cgrp_del[LS_RC_BUSY],
-	       st->cgrp_del[LS_RC_OTHER]);
-}
-
 /* No delete was refused for being in NMI, none failed unexpectedly */
 static void check_no_refusal(const struct ls_defer_stats *st)
 {
@@ -164,7 +148,7 @@ static void test_self_nmi(void)
 			break;
 	}
 
-	print_stats("self_nmi", st);
+	ls_print_stats("self_nmi", st);
 	ASSERT_EQ(st->runs, SELF_NMI_RUNS, "NMI program runs");
 	ASSERT_EQ(st->in_nmi, SELF_NMI_RUNS, "runs in NMI (bpf_lsdefer_ctx)");
 	ASSERT_EQ(st->arg_nmi, SELF_NMI_RUNS, "runs in NMI (handler's in_nmi())");
@@ -282,8 +266,8 @@ static void test_nmi_storm(void)
 			goto out;
 	}
 
-	print_stats("nmi", st);
-	print_stats("tp_btf", &t.skel->bss->sys_st);
+	ls_print_stats("nmi", st);
+	ls_print_stats("tp_btf", &t.skel->bss->sys_st);
 	ASSERT_GT(st->runs, 0, "NMIs that interrupted a worker");
 	ASSERT_EQ(st->in_nmi, st->runs, "NMI program runs in NMI");
 	ASSERT_GT(st->task_del[LS_RC_OK], 0, "NMI task storage deletes returned 0");
@@ -360,7 +344,7 @@ static void test_perf_hw_nmi(void)
 		links[i] = NULL;
 	}
 
-	print_stats("perf", st);
+	ls_print_stats("perf", st);
 	ASSERT_GT(st->runs, 0, "PMU program runs for the workers");
 	check_no_refusal(st);
 	if (!st->in_nmi) {
