@@ -11,7 +11,8 @@
 #                           compare lint
 # Variables: ARCH=x86_64|arm64  KDIR=/path/to/linux  BASELINE=1
 #            SANITIZE=kasan  ACCEL=kvm|tcg  VM_TIMEOUT=secs  JOBS=n
-#            TESTS=test[,test]  SELFTESTS=0 (KUnit only)  TEST_MAPS=1
+#            TESTS=test[,test]  SELFTESTS=0 (KUnit only)
+#            TEST_MAPS=<map test>|all|0 (default: sk_storage_map)
 #            LSDEFER_CACHE=dir (default ~/.cache/lsdefer)
 
 SHELL := /bin/bash
@@ -27,7 +28,7 @@ LIB := source $(S)/lib.sh
 	seed-bugs
 
 help:
-	@sed -n '3,16p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,17p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	@$(S)/setup.sh

@@ -7,6 +7,7 @@ Reads, from OUT:
                    the tree's own tools/testing/kunit/kunit.py parse)
   test_progs.json  test_progs -J output (counts, failed tests), if they ran
   test_progs.log   its output, for the per-test result lines
+  test_maps.rc/.log test_maps' exit code and output, if it ran (guest.env)
   console.log      used for the splat scan when dmesg.txt is missing
 Writes OUT/kunit.json (kunit.py's JSON) and OUT/results.json (every test
 with its status, plus every splat), prints the summary and ends with the line
@@ -126,6 +127,38 @@ def test_progs_results(jpath, logpath):
     return rows
 
 
+def test_maps_results(out):
+    """test_maps: one row for the run (TEST_MAPS in guest.env), from its exit code.
+
+    test_maps exits at the first failed CHECK() with its message; on success
+    its last line is "test_maps: OK, N SKIPPED".
+    """
+    env = os.path.join(out, "guest.env")
+    if not os.path.exists(env):
+        return []
+    which = "0"
+    with open(env, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("TEST_MAPS="):
+                which = line.split("=", 1)[1].strip()
+    if which == "0":
+        return []
+    name = "every map test" if which == "all" else which
+    rc_path = os.path.join(out, "test_maps.rc")
+    if not os.path.exists(rc_path):
+        return [("test_maps", f"{name}: ran", "FAIL")]
+    with open(rc_path, encoding="utf-8") as f:
+        rc = f.read().strip()
+    last = ""
+    log = os.path.join(out, "test_maps.log")
+    if os.path.exists(log):
+        with open(log, encoding="utf-8", errors="replace") as f:
+            lines = [ln.rstrip() for ln in f if ln.strip()]
+        last = lines[-1] if lines else ""
+    ok = rc == "0" and last.startswith("test_maps: OK")
+    return [("test_maps", name if ok else f"{name}: exit {rc}: {last}", "PASS" if ok else "FAIL")]
+
+
 def splats(path):
     found = []
     if not os.path.exists(path):
@@ -163,6 +196,8 @@ def main():
     elif os.path.exists(os.path.join(args.out, "guest.env")) and "TEST_PROGS_ALLOW=\n" not in open(
             os.path.join(args.out, "guest.env"), encoding="utf-8").read():
         rows.append(("test_progs", "wrote its JSON results", "FAIL"))
+
+    rows += test_maps_results(args.out)
 
     found = splats(log)
     for line in found:

@@ -70,10 +70,16 @@ if [ "${SELFTESTS:-1}" != 0 ] && [ -x "$st/test_progs" ]; then
 	lists=("$REPO/selftests/local-storage.tests" "$REPO/selftests/lsdefer.tests")
 	allow=${TESTS:-$(cat "${lists[@]}" 2>/dev/null | grep -v '^#' | grep . | paste -sd, -)}
 	kmods=$(find "$obj/lsdefer-kmod" -name '*.ko' 2>/dev/null | sort | tr '\n' ' ')
+	# test_maps: its local storage test by default; none when TESTS picks tests
+	if [ -n "${TESTS:-}" ]; then
+		maps=${TEST_MAPS:-0}
+	else
+		maps=${TEST_MAPS:-sk_storage_map}
+	fi
 	cat >"$out/guest.env" <<-ENV
 		SELFTESTS_DIR=$st
 		TEST_PROGS_ALLOW=$allow
-		TEST_MAPS=${TEST_MAPS:-0}
+		TEST_MAPS=$maps
 		KMODS="$kmods"
 	ENV
 	info "selftests: test_progs -a $allow${kmods:+ (modules: $kmods)}"

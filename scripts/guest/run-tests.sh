@@ -6,7 +6,8 @@
 # sets SELFTESTS_DIR, TEST_PROGS_ALLOW, TEST_MAPS, KMODS):
 #   - load our test modules (KMODS),
 #   - run test_progs -v -a "$TEST_PROGS_ALLOW" -J OUTDIR/test_progs.json,
-#   - run test_maps when TEST_MAPS=1.
+#   - run test_maps: TEST_MAPS=<map test> only that one (TEST_MAPS_ONLY, the
+#     harness's fixup), all: every map test, 0: none.
 # The kernel log is saved last (OUTDIR/dmesg.txt), so splats from the
 # selftests are in it; OUTDIR/guest-done tells the host the script finished.
 #
@@ -42,11 +43,15 @@ if [ -n "$SELFTESTS_DIR" ]; then
 		grep -E '^(#[0-9]|Summary)' "$out/test_progs.log" || true
 		echo "==> guest: test_progs exit $rc after $(($(date +%s) - start))s"
 	fi
-	if [ "$TEST_MAPS" = 1 ]; then
-		echo "==> guest: test_maps"
+	if [ "$TEST_MAPS" != 0 ]; then
+		echo "==> guest: test_maps ($TEST_MAPS)"
 		start=$(date +%s)
 		rc=0
-		./test_maps >"$out/test_maps.log" 2>&1 || rc=$?
+		if [ "$TEST_MAPS" = all ]; then
+			./test_maps >"$out/test_maps.log" 2>&1 || rc=$?
+		else
+			TEST_MAPS_ONLY=$TEST_MAPS ./test_maps >"$out/test_maps.log" 2>&1 || rc=$?
+		fi
 		echo "$rc" >"$out/test_maps.rc"
 		tail -n 3 "$out/test_maps.log"
 		echo "==> guest: test_maps exit $rc after $(($(date +%s) - start))s"

@@ -71,6 +71,7 @@ void serial_test_ls_defer_hardirq(void)
 	skel->bss->target_tgid = getpid();
 	skel->bss->irq_cgrp = true;
 	skel->bss->irq_recreate = true;
+	skel->bss->irq_victim = true;
 	skel->bss->sys_churn = true;
 	skel->data->sys_churn_nr = SYS_getppid;
 	skel->data->sys_churn_loops = SYS_CHURN_LOOPS;

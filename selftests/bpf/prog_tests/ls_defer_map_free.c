@@ -404,12 +404,11 @@ void serial_test_ls_defer_map_free(void)
 				/* the maps are gone while reader k holds a grace period back */
 				note(round, "handover, maps freed", refcnt);
 				freed_held++;
-				if (!ls_check_freed(&ck, "objects destroyed at map free (reader held)")) {
-					printf("%s: round %d, map free returned before reader %d left\n",
-					       __func__, round, k);
-					goto out;
-				}
-				break;
+				if (ls_check_freed(&ck, "objects destroyed at map free (held)"))
+					break;
+				printf("%s: round %d: map free returned before reader %d left\n",
+				       __func__, round, k);
+				goto out;
 			}
 			for (k = 0; k <= NR_HANDOVERS; k++)
 				release_reader(&rd[k]);

@@ -232,6 +232,7 @@ static void test_nmi_storm(void)
 	t.skel->bss->sys_churn = true;
 	/* task-context producers back to back: the NMIs land among them */
 	t.skel->data->sys_churn_loops = 32;
+	t.skel->bss->irq_victim = true;
 	links[0] = bpf_program__attach(t.skel->progs.nmi_delete);
 	if (!ASSERT_OK_PTR(links[0], "attach fentry/bpf_lsdefer_nmi_target"))
 		goto out;

@@ -22,6 +22,19 @@ struct {
 	__type(value, struct ls_defer_val);
 } task_map SEC(".maps");
 
+/*
+ * irq_victim: task context re-creates its value here on every churn loop, and
+ * only the interrupt programs delete it, so that an interrupt that lands in
+ * the middle of a task-context delete finds something to delete, and frees it
+ * onto the same CPU's list, nearly every time.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct ls_defer_val);
+} victim_map SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_CGRP_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -35,6 +48,8 @@ int target_tgid;
 bool irq_cgrp;
 /* The interrupt programs re-create what they deleted. */
 bool irq_recreate;
+/* The interrupt programs delete victim_map's value first. */
+bool irq_victim;
 /* tp_btf: each syscall of the target deletes and re-creates its storage. */
 bool sys_churn;
 /* Only this syscall number triggers sys_churn (-1: any). */
@@ -78,6 +93,10 @@ static __always_inline void irq_delete(struct ls_defer_stats *st, int arg_nmi)
 	if (arg_nmi)
 		__sync_fetch_and_add(&st->arg_nmi, 1);
 
+	if (irq_victim) {
+		rc = bpf_task_storage_delete(&victim_map, task);
+		ls_count(st->task_del, &st->other_err, rc);
+	}
 	rc = bpf_task_storage_delete(&task_map, task);
 	ls_count(st->task_del, &st->other_err, rc);
 	if (irq_recreate)
@@ -121,6 +140,10 @@ static int sys_churn_one(__u32 i, void *data)
 	struct task_struct *task = bpf_get_current_task_btf();
 	struct cgroup *cgrp;
 	long rc;
+
+	if (irq_victim && !bpf_task_storage_get(&victim_map, task, 0, 0))
+		ls_fill(&sys_st, bpf_task_storage_get(&victim_map, task, 0,
+						      BPF_LOCAL_STORAGE_GET_F_CREATE));
 
 	rc = bpf_task_storage_delete(&task_map, task);
 	ls_count(sys_st.task_del, &sys_st.other_err, rc);
