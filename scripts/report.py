@@ -216,6 +216,7 @@ def main():
             suite = s
         if status != "PASS" or s not in ("dmesg",):
             print(f"  {status:4}  {s:{width}}  {name}")
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump({"label": args.label,
                    "results": [{"suite": s, "test": n, "status": st}

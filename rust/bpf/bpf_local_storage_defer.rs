@@ -1921,6 +1921,8 @@ mod tests {
     const HOLD_MS: i64 = 200;
     /// How long it waits, interrupts off, for the test to start flushing, at most.
     const HOLD_PRE_MS: i64 = 2_000;
+    /// Attempts of [`flush_leaves_no_irq_work_pending`] spoiled by a stall of the test's CPU.
+    const HOLD_ATTEMPTS: u32 = 5;
 
     /// Shared by [`flush_leaves_no_irq_work_pending`] and its IPI callback on the target CPU.
     struct Holdup<'a> {
@@ -1934,6 +1936,10 @@ mod tests {
         release: Atomic<bool>,
         /// Set by the callback when it gave up waiting for `release` after `flushing`.
         timed_out: Atomic<bool>,
+        /// Set by the callback when it gave up waiting for `flushing`: the test's CPU stalled
+        /// (at boot, a synchronous IPI to the target, e.g. for text patching, waits with
+        /// preemption off until the target's interrupts are on again), the attempt tells nothing.
+        gave_up_early: Atomic<bool>,
         /// Set by the callback as its last access to the struct.
         done: Atomic<bool>,
     }
@@ -1974,6 +1980,7 @@ mod tests {
             }
             if since.elapsed().as_millis() >= limit {
                 h.timed_out.store(flushing, Relaxed);
+                h.gave_up_early.store(!flushing, Relaxed);
                 break;
             }
             cpu_relax();
@@ -1981,61 +1988,97 @@ mod tests {
         h.done.store(true, Release);
     }
 
-    /// Guards: a flush that does not sync every online CPU's irq_work (`BROKEN=kd`) returns
-    /// while the target CPU's is still pending (`idle_after_flush` fails) instead of waiting for
-    /// the target to run it (`flush_waited` fails). The engine's drop frees the per-CPU state
-    /// right after its flush: a pending irq_work would then run on freed memory.
-    #[test]
-    fn flush_leaves_no_irq_work_pending() -> Result {
-        let engine = new_engine()?;
+    /// What one attempt of [`flush_leaves_no_irq_work_pending`] saw.
+    #[derive(Default)]
+    struct HoldOutcome {
+        ret: c_int,
+        queued: bool,
+        pending: bool,
+        idle_after_flush: bool,
+        flush_waited: bool,
+        idle_later: bool,
+        gave_up_early: bool,
+    }
+
+    /// Holds `target`'s interrupts off with its irq_work pending, and flushes meanwhile.
+    fn hold_and_flush(engine: &Engine<TestObj>, target: CpuId) -> HoldOutcome {
         let h = Holdup {
-            engine: &engine,
+            engine,
             queued: Atomic::new(false),
             busy: Atomic::new(false),
             flushing: Atomic::new(false),
             release: Atomic::new(false),
             timed_out: Atomic::new(false),
+            gave_up_early: Atomic::new(false),
             done: Atomic::new(false),
         };
+        // SAFETY: `h` outlives the callback: we wait for its `done` below.
+        let ret = unsafe {
+            bindings::smp_call_function_single(
+                c_int::try_from(target.as_u32()).unwrap_or(-1),
+                Some(ipi_hold_irq_work),
+                (&raw const h).cast_mut().cast(),
+                false,
+            )
+        };
+        if ret != 0 {
+            return HoldOutcome {
+                ret,
+                ..HoldOutcome::default()
+            };
+        }
+        let queued = wait_until(|| h.queued.load(Acquire), 1_000);
+        h.flushing.store(true, Release);
+        engine.flush();
+        let idle_after_flush = engine.state(target).is_some_and(|st| !st.work.is_busy());
+        h.release.store(true, Release);
+        // The callback ends on its own within `HOLD_PRE_MS + HOLD_MS`; `h` is ours.
+        while !h.done.load(Acquire) {
+            fsleep(Delta::from_millis(1));
+        }
+        // Let the irq_work run before the next attempt or the engine's drop, whatever flush did.
+        let idle_later = wait_until(
+            || engine.state(target).is_some_and(|st| !st.work.is_busy()),
+            1_000,
+        );
+        HoldOutcome {
+            ret,
+            queued,
+            pending: h.busy.load(Relaxed),
+            idle_after_flush,
+            flush_waited: h.timed_out.load(Relaxed),
+            idle_later,
+            gave_up_early: h.gave_up_early.load(Relaxed),
+        }
+    }
+
+    /// Guards: a flush that does not sync every online CPU's irq_work (`BROKEN=kd`) returns
+    /// while the target CPU's is still pending (`idle_after_flush` fails) instead of waiting for
+    /// the target to run it (`flush_waited` fails). The engine's drop frees the per-CPU state
+    /// right after its flush: a pending irq_work would then run on freed memory. An attempt in
+    /// which the test's own CPU stalled before it could start flushing is tried again.
+    #[test]
+    fn flush_leaves_no_irq_work_pending() -> Result {
+        let engine = new_engine()?;
 
         // SAFETY: Paired with `migrate_enable()` below: the target must stay another CPU.
         unsafe { bindings::migrate_disable() };
         let here = CpuId::current();
         let target = percpu::possible_cpus().find(|c| *c != here && percpu::cpu_online(*c));
-        let mut ret = 0;
-        let (mut queued, mut idle_after_flush, mut idle_later) = (false, false, false);
+        let mut o = HoldOutcome::default();
+        let mut attempts = 0;
         if let Some(t) = target {
-            // SAFETY: `h` outlives the callback: we wait for its `done` below.
-            ret = unsafe {
-                bindings::smp_call_function_single(
-                    c_int::try_from(t.as_u32()).unwrap_or(-1),
-                    Some(ipi_hold_irq_work),
-                    (&raw const h).cast_mut().cast(),
-                    false,
-                )
-            };
-        }
-        if let (Some(t), 0) = (target, ret) {
-            queued = wait_until(|| h.queued.load(Acquire), 1_000);
-            h.flushing.store(true, Release);
-            engine.flush();
-            idle_after_flush = engine.state(t).is_some_and(|st| !st.work.is_busy());
-            h.release.store(true, Release);
-            // The callback ends on its own within `HOLD_PRE_MS + HOLD_MS`; `h` is ours.
-            while !h.done.load(Acquire) {
-                fsleep(Delta::from_millis(1));
+            loop {
+                o = hold_and_flush(&engine, t);
+                attempts += 1;
+                if !o.gave_up_early || o.ret != 0 || !o.idle_later || attempts >= HOLD_ATTEMPTS {
+                    break;
+                }
             }
-            // Let the irq_work run before the engine goes away, whatever flush did.
-            idle_later = wait_until(
-                || engine.state(t).is_some_and(|st| !st.work.is_busy()),
-                1_000,
-            );
         }
         // SAFETY: Pairs with `migrate_disable()` above.
         unsafe { bindings::migrate_enable() };
-        let pending = h.busy.load(Relaxed);
-        let flush_waited = h.timed_out.load(Relaxed);
-        if idle_later || target.is_none() || ret != 0 {
+        if o.idle_later || target.is_none() || o.ret != 0 {
             drop(engine);
         } else {
             // Never free what a stuck irq_work may still use.
@@ -2046,12 +2089,14 @@ mod tests {
             skip(c"needs a second online CPU");
             return Ok(());
         }
-        kernel::error::to_result(ret)?;
-        assert!(queued);
-        assert!(pending);
-        assert!(idle_after_flush);
-        assert!(flush_waited);
-        assert!(idle_later);
+        kernel::error::to_result(o.ret)?;
+        kernel::pr_info!("flush_leaves_no_irq_work_pending: {attempts} attempt(s)\n");
+        assert!(o.queued);
+        assert!(o.pending);
+        assert!(!o.gave_up_early);
+        assert!(o.idle_after_flush);
+        assert!(o.flush_waited);
+        assert!(o.idle_later);
         Ok(())
     }
 }
