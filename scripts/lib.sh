@@ -128,6 +128,18 @@ config_fragments() {
 	fi
 }
 
+# The kernel image in build dir $1, checked to be of this run's BROKEN
+# variant (the build dir is shared by all of them); dies otherwise.
+boot_image() {
+	local obj=$1 image variant
+	image=$obj/$KIMAGE
+	[ -f "$image" ] || die "no kernel image at $image: run 'make build ARCH=$ARCH' first"
+	variant=$(cat "$obj/.lsdefer-image-variant" 2>/dev/null || echo unknown)
+	[ "$variant" = "${BROKEN:-none}" ] ||
+		die "the image in $obj was built with BROKEN=$variant, not BROKEN=${BROKEN:-none}: run 'make build' with the same BROKEN first"
+	echo "$image"
+}
+
 # Build dir keyed by source (kernel version), flavour, arch and sanitizer.
 # An edit of a fragment re-runs olddefconfig in the same dir (see
 # scripts/configure.sh), so the rebuild stays incremental.

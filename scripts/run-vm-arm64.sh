@@ -17,11 +17,7 @@ set -euo pipefail
 
 obj=$(build_dir)
 out=$(out_dir)
-image=$obj/$KIMAGE
-[ -f "$image" ] || die "no kernel image at $image: run 'make build ARCH=arm64' first"
-variant=$(cat "$obj/.lsdefer-image-variant" 2>/dev/null || echo unknown)
-[ "$variant" = "${BROKEN:-none}" ] ||
-	die "the image in $obj was built with BROKEN=$variant, not BROKEN=${BROKEN:-none}"
+image=$(boot_image "$obj")
 [ -x "$obj/usr/gen_init_cpio" ] || die "no $obj/usr/gen_init_cpio (CONFIG_BLK_DEV_INITRD off?)"
 command -v qemu-system-aarch64 >/dev/null || die "qemu-system-aarch64 not found: run 'make setup'"
 command -v "${CROSS_COMPILE}gcc" >/dev/null || die "${CROSS_COMPILE}gcc not found: run 'make setup'"

@@ -19,16 +19,13 @@ set -euo pipefail
 # A guest starved by a build on the 2 host cores can hit RCU-stall or
 # soft-lockup reports: boots take the harness lock too.
 [ "${LSDEFER_LOCKED:-}" = 1 ] || exec "$REPO/scripts/locked.sh" "$0" "$@"
+# arm64 guests boot without vng, KUnit only: scripts/run-vm-arm64.sh.
+[ "$ARCH" != arm64 ] || exec "$REPO/scripts/run-vm-arm64.sh" "$@"
 
 obj=$(build_dir)
 out=$(out_dir)
-image=$obj/$KIMAGE
-[ -f "$image" ] || die "no kernel image at $image: run 'make build' first"
-variant=$(cat "$obj/.lsdefer-image-variant" 2>/dev/null || echo unknown)
-[ "$variant" = "${BROKEN:-none}" ] ||
-	die "the image in $obj was built with BROKEN=$variant, not BROKEN=${BROKEN:-none}: run 'make build' with the same BROKEN first"
+image=$(boot_image "$obj")
 command -v vng >/dev/null || die "vng not found: run 'make setup'"
-[ "$ARCH" = x86_64 ] || die "booting ARCH=$ARCH guests is not supported yet (it needs an arm64 root filesystem for vng --root)"
 command -v udevadm >/dev/null || die "vng's script mode needs udev on the host: run 'make setup'"
 
 # probe_kvm: boot the kernel with KVM and no root fs. A working KVM reaches

@@ -16,7 +16,10 @@ tree=$(tree_dir)
 obj=$(build_dir)
 st=$tree/tools/testing/selftests/bpf
 [ -f "$obj/vmlinux" ] || die "no vmlinux in $obj: build the kernel first"
-[ "$ARCH" = x86_64 ] || die "selftests for ARCH=$ARCH are not supported yet"
+if [ "$ARCH" != x86_64 ]; then
+	info "ARCH=$ARCH: BPF selftests not built (no $ARCH root filesystem to run them yet): KUnit only"
+	exit 0
+fi
 mapfile -t mk < <(kmake_vars)
 log=$obj/selftests-build.log
 
