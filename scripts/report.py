@@ -127,20 +127,22 @@ def test_progs_results(jpath, logpath):
     return rows
 
 
+def guest_env(out):
+    """OUT/guest.env (written by run-vm.sh) as a dict, or None if there is none."""
+    path = os.path.join(out, "guest.env")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+
+
 def test_maps_results(out):
     """test_maps: one row for the run (TEST_MAPS in guest.env), from its exit code.
 
     test_maps exits at the first failed CHECK() with its message; on success
     its last line is "test_maps: OK, N SKIPPED".
     """
-    env = os.path.join(out, "guest.env")
-    if not os.path.exists(env):
-        return []
-    which = "0"
-    with open(env, encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("TEST_MAPS="):
-                which = line.split("=", 1)[1].strip()
+    which = (guest_env(out) or {}).get("TEST_MAPS", "0")
     if which == "0":
         return []
     name = "every map test" if which == "all" else which
@@ -193,8 +195,7 @@ def main():
     tp = os.path.join(args.out, "test_progs.json")
     if os.path.exists(tp):
         rows += test_progs_results(tp, os.path.join(args.out, "test_progs.log"))
-    elif os.path.exists(os.path.join(args.out, "guest.env")) and "TEST_PROGS_ALLOW=\n" not in open(
-            os.path.join(args.out, "guest.env"), encoding="utf-8").read():
+    elif (guest_env(args.out) or {}).get("TEST_PROGS_ALLOW", ""):
         rows.append(("test_progs", "wrote its JSON results", "FAIL"))
 
     rows += test_maps_results(args.out)

@@ -20,6 +20,12 @@
 #endif
 
 #define LS_MOD_DIR	"/sys/module/" LSDEFER_MOD_NAME
+/*
+ * ls_defer_irq's sys_churn_loops for the interrupt tests: deletes and
+ * re-creates per syscall, task-context producers back to back, so that the
+ * interrupts land among them.
+ */
+#define LS_SYS_CHURN_LOOPS	32
 /* The engine's counters (rust/bpf/bpf_local_storage_defer.rs, StatsFile) */
 #define LS_ENGINE_STATS	"/sys/kernel/debug/bpf_local_storage_defer/stats"
 

@@ -27,8 +27,6 @@
 #define RUN_SECS		5
 /* 20 kHz per CPU; perf throttles it if the guest cannot keep up */
 #define SAMPLE_PERIOD_NS	50000
-/* deletes and re-creates per getppid(): task-context producers back to back */
-#define SYS_CHURN_LOOPS		32
 
 static void getppid_step(struct ls_worker *w)
 {
@@ -74,7 +72,7 @@ void serial_test_ls_defer_hardirq(void)
 	skel->bss->irq_victim = true;
 	skel->bss->sys_churn = true;
 	skel->data->sys_churn_nr = SYS_getppid;
-	skel->data->sys_churn_loops = SYS_CHURN_LOOPS;
+	skel->data->sys_churn_loops = LS_SYS_CHURN_LOOPS;
 
 	for (i = 0; i < nr_cpus; i++) {
 		pfd = syscall(__NR_perf_event_open, &attr, -1, i, -1, PERF_FLAG_FD_CLOEXEC);

@@ -24,10 +24,10 @@
  * Every other round has a single task storage map, whose values the program
  * deletes: once that map is freed, no object of the round may be left (with
  * several maps, freed one at a time, objects of the others legitimately are).
- * A sleepable program (reader A) sleeps in a Tasks
- * Trace RCU read-side critical section from before the first delete until
- * after the maps are dropped: no grace period can end, so every deleted
- * element is still queued when map free runs. Then readers hand over: each
+ * A sleepable program (reader A) sleeps in a Tasks Trace RCU read-side
+ * critical section from before the first delete until after the map is
+ * dropped: no grace period can end, so every deleted element is still queued
+ * when map free runs. Then readers hand over: each
  * new reader enters before the previous one leaves, so that the grace period
  * in flight can end and the next one cannot. The first grace period's
  * callbacks re-arm the chain for the elements that arrived meanwhile; a map

@@ -230,8 +230,7 @@ static void test_nmi_storm(void)
 	st = &t.skel->bss->nmi_st;
 	t.skel->bss->irq_cgrp = true;
 	t.skel->bss->sys_churn = true;
-	/* task-context producers back to back: the NMIs land among them */
-	t.skel->data->sys_churn_loops = 32;
+	t.skel->data->sys_churn_loops = LS_SYS_CHURN_LOOPS;
 	t.skel->bss->irq_victim = true;
 	links[0] = bpf_program__attach(t.skel->progs.nmi_delete);
 	if (!ASSERT_OK_PTR(links[0], "attach fentry/bpf_lsdefer_nmi_target"))
