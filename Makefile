@@ -6,6 +6,9 @@
 #   make vmtest    set up, overlay, configure, build, boot, run KUnit, report
 #   make seed-bugs the new selftests against the seed patch's three bugs
 #                  (BROKEN=1, 2, 3), then against the real engine
+#   make mutants   every single-point break of the engine (MUTANTS=id ...
+#                  for some), KUnit and the new selftests on each: the table
+#                  of which test killed which mutant (hours; not in make test)
 #
 # Steps, each usable alone: setup tree config build selftests vm report
 #                           compare lint
@@ -25,10 +28,10 @@ S := scripts
 LIB := source $(S)/lib.sh
 
 .PHONY: help setup tree config build selftests vm report vmtest compare lint test clean \
-	seed-bugs
+	seed-bugs mutants
 
 help:
-	@sed -n '3,17p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,20p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	@$(S)/setup.sh
@@ -98,6 +101,25 @@ seed-bugs: setup
 	$(LIB); args=(); \
 	for n in 1 2 3; do args+=(--broken "$$n=$$(BASELINE= BROKEN=$$n out_dir)"); done; \
 	python3 $(S)/seed-bugs.py --ours "$$(BASELINE= BROKEN= out_dir)" "$${args[@]}"
+
+# Every mutant of selftests/broken/gen.py (or MUTANTS="id ..."), generated
+# against the current sources, then the real engine; scripts/mutants.py prints
+# which tests killed each. A hung guest is cut at MUTANT_TIMEOUT seconds.
+MUTANTS ?= $(shell python3 selftests/broken/gen.py --list mutant)
+MUTANT_TIMEOUT ?= 900
+mutants: setup
+	@python3 selftests/broken/gen.py --check; \
+	for m in $(MUTANTS); do \
+		echo "==> mutant $$m"; \
+		$(MAKE) -s --no-print-directory vmtest BASELINE= BROKEN=$$m TESTS=$(SEED_TESTS) \
+			VM_TIMEOUT=$(MUTANT_TIMEOUT) || true; \
+	done; \
+	$(MAKE) -s --no-print-directory vmtest BASELINE= BROKEN= TESTS=$(SEED_TESTS) || true; \
+	$(LIB); args=(); \
+	for m in $(MUTANTS); do args+=(--mutant "$$m=$$(BASELINE= BROKEN=$$m out_dir)"); done; \
+	mkdir -p out; \
+	python3 $(S)/mutants.py --ours "$$(BASELINE= BROKEN= out_dir)" "$${args[@]}" \
+		--equivalent selftests/broken/EQUIVALENT.md --json out/mutants.json
 
 compare:
 	@$(LIB); python3 $(S)/compare.py --ours "$$(BASELINE= out_dir)/results.json" \

@@ -4,8 +4,9 @@
 # Build the configured kernel (O= in the cache), incrementally. Only one
 # kernel build runs at a time on this machine: the build holds
 # $CACHE/build.lock. Progress: a line every PROGRESS_SECS (default 60) with
-# the elapsed time and the last step make printed; the full log is kept in
-# <build dir>/build.log.
+# the elapsed time, the number of steps (CC, RUSTC, LD ...) done, out of the
+# count of the largest build so far in this build dir when there was one,
+# and the last step; the full log is kept in <build dir>/build.log.
 #
 # Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [KDIR=..] [JOBS=n] scripts/build.sh
 set -euo pipefail
@@ -27,7 +28,12 @@ make -s -C "$tree" O="$obj" "${mk[@]}" rustavailable >/dev/null 2>&1 ||
 rm -f "$obj/.lsdefer-image-variant"
 info "building $(kernel_version "$tree") ($ARCH, $(flavour)${SANITIZE:+, $SANITIZE}) in $obj, log: $log"
 start=$(date +%s)
-make -C "$tree" O="$obj" "${mk[@]}" -j"$jobs" all >"$log" 2>&1 &
+# Without the outer make's flags: its -s (make -s vmtest) would silence
+# Kbuild's "  CC  file" lines, which the log and the progress line show.
+steps_file=$obj/.lsdefer-build-steps
+steps_total=$(cat "$steps_file" 2>/dev/null || true)
+env -u MAKEFLAGS -u MFLAGS -u MAKELEVEL \
+	make -C "$tree" O="$obj" "${mk[@]}" -j"$jobs" all >"$log" 2>&1 &
 pid=$!
 while kill -0 "$pid" 2>/dev/null; do
 	for _ in $(seq "$every"); do
@@ -35,8 +41,10 @@ while kill -0 "$pid" 2>/dev/null; do
 		kill -0 "$pid" 2>/dev/null || break
 	done
 	kill -0 "$pid" 2>/dev/null || break
-	step=$(grep -E '^  [A-Z]' "$log" | tail -1 | sed 's/^ *//' || true)
-	printf '    [%4ds] %s\n' $(($(date +%s) - start)) "${step:-starting}"
+	n=$(grep -cE '^  [A-Z]' "$log" || true)
+	step=$(grep -E '^  [A-Z]' "$log" | tail -1 | sed 's/^ *//;s/  */ /g' || true)
+	printf '    [%4ds] %s steps%s, last: %s\n' $(($(date +%s) - start)) "$n" \
+		"${steps_total:+ of ~$steps_total in the last full build}" "${step:-none yet}"
 done
 rc=0
 wait "$pid" || rc=$?
@@ -58,6 +66,10 @@ if [ -f "$tree/.lsdefer-overlay" ]; then
 	fi
 fi
 echo "$took" >"$obj/.lsdefer-last-build-secs"
+# The step count of the largest build so far (a cold one): the next cold
+# build's progress line counts against it.
+n=$(grep -cE '^  [A-Z]' "$log" || true)
+[ "$n" -le "${steps_total:-0}" ] || echo "$n" >"$steps_file"
 # Which variant the image is: BROKEN builds share this build dir.
 echo "${BROKEN:-none}" >"$obj/.lsdefer-image-variant"
 info "kernel built in ${took}s: $obj/$KIMAGE"

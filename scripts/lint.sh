@@ -3,7 +3,8 @@
 #
 # The repo's own lint: shellcheck on the scripts, rustfmt (the kernel's
 # .rustfmt.toml) on our Rust, checkpatch.pl --strict on the patches and on our
-# C files, and a syntax check of the Python. Clippy runs during the kernel
+# C files, a syntax check of the Python, and that selftests/broken/ is what
+# gen.py generates. Clippy runs during the kernel
 # build (CLIPPY=1, see scripts/build.sh). Needs the harness tree (make tree).
 #
 # Usage: scripts/lint.sh
@@ -70,7 +71,11 @@ for f in "${km[@]}"; do
 	check "checkpatch -f $f" checkpatch "${cp_opts[@]}" $(extra_opts "$f") -f "$REPO/$f"
 done
 
-check "python syntax" python3 -m py_compile scripts/report.py scripts/compare.py
+mapfile -t py < <(find scripts selftests -name '*.py' | sort)
+check "python syntax (${#py[@]} files)" python3 -m py_compile "${py[@]}"
+# The broken variants and mutants are generated: the committed patches must
+# be what gen.py makes of the current sources.
+check "selftests/broken/*.patch up to date" python3 selftests/broken/gen.py --check --pristine "$src"
 
 [ "$fail" = 0 ] || die "lint: $fail check(s) failed"
 info "lint clean"

@@ -17,18 +17,26 @@
 //! - **irq_work handler** (hard interrupt, on the CPU that queued it): takes the CPU's *token*,
 //!   the right to own its one `rcu_head` and in-flight `batch`. If no grace period is in flight
 //!   it takes all of `pending` as the batch and starts *one* `call_rcu_tasks_trace()` for it.
-//! - **RCU callback** (after the grace period, any CPU, bottom halves disabled): frees the whole
-//!   batch, then takes `pending` again: if items arrived meanwhile it starts the next grace
-//!   period for them (the chain), otherwise it gives the token back.
+//! - **RCU callback** (after the grace period, any CPU, bottom halves disabled): frees at most
+//!   [`FREE_CHUNK`] objects of the batch. If that was all of it, it takes `pending` again: if
+//!   items arrived meanwhile it starts the next grace period for them (the chain), otherwise it
+//!   gives the token back. If not, it hands the token, with the rest of the batch, to the CPU's
+//!   **free work**, which frees [`FREE_CHUNK`] objects per run on `system_unbound_wq` and
+//!   queues itself again until the batch is empty (the worker reschedules between runs), then
+//!   chains or gives the token back exactly as the callback would.
 //!
 //! So each CPU has at most one grace period in flight, a batch is snapshotted when its grace
-//! period starts (later items wait for the next one, never join it), and every item is in
-//! exactly one of: `pending`, the in-flight `batch`, a flush's `drained` list, or freed.
+//! period starts (later items wait for the next one, never join it), no step frees more than
+//! [`FREE_CHUNK`] objects without a chance to reschedule, and every item is in exactly one of:
+//! `pending`, the in-flight `batch`, a flush's `drained` or `freeing` list, or freed.
 //!
 //! # The token and why nothing is stranded
 //!
-//! `in_flight` is 1 while someone owns `{batch, rcu}`: a handler or a hotplug kick between
-//! taking the token and starting a grace period, then the grace period and its callback. It is
+//! `in_flight` is 1 while someone owns `{batch, rcu, free_work}`: a handler or a hotplug kick
+//! between taking the token and starting a grace period, then the grace period, its callback and
+//! the free work if the batch was large. The token passes from one to the next, never back to
+//! nobody in between; the free work is queued only by the token owner, so it is never queued
+//! twice, and while it holds the token no grace period of this CPU is in flight. It is
 //! taken with a fully ordered `xchg(1)`. The owner that finds `pending` empty gives it back with
 //! a fully ordered `xchg(0)` and then looks at `pending` once more, taking the token again if it
 //! is not empty. Why this suffices: a producer that finds `pending` empty queues the irq_work,
@@ -42,23 +50,40 @@
 //! # Flush
 //!
 //! [`Engine::flush`] frees, before it returns, every item queued before it was called. It is
-//! what `bpf_local_storage_map_free()` needs before the map's `btf_record` and buckets go away.
+//! what `bpf_local_storage_map_free()` needs for elements before the map's `btf_record` and
+//! buckets go away (storages never read the map: map free does not flush them).
 //! `rcu_barrier_tasks_trace()` alone does not do: items may sit in `pending` with no callback
 //! queued for them, and a callback that re-arms queues a new callback the barrier does not wait
 //! for. Per CPU, `started` counts the batches taken (incremented by the token owner *before*
-//! its `llist_del_all()`) and `completed` the batches finished (incremented only after the batch
-//! is freed, or right away if the take was empty). A flush, serialised by a mutex:
+//! its `llist_del_all()`) and `completed` the batches finished (incremented only after the
+//! whole batch is freed, by the callback or the free work, or right away if the take was
+//! empty). A flush:
 //!
 //! 1. syncs the irq_work of every online CPU, so that no handler is half-way through a take;
-//! 2. takes every possible CPU's `pending` itself (offline CPUs included) and, right after each
-//!    take, reads that CPU's `started`;
-//! 3. waits for a grace period (`synchronize_rcu_tasks_trace()`) and frees what it took;
-//! 4. calls `rcu_barrier_tasks_trace()` until every CPU's `completed` reaches what it read.
+//! 2. under `take_lock` (short, never held across a wait): takes every possible CPU's `pending`
+//!    onto that CPU's `drained` list (offline CPUs included), stores that CPU's `started` in its
+//!    `flush_target`, and draws a ticket, one more than the last;
+//! 3. under `free_lock`, unless a flusher that moved `drained` after our step 2 has already
+//!    freed it (`free_lock` holds the last ticket whose items are freed): moves every
+//!    `drained` list to `freeing` and notes the last ticket drawn (under `take_lock`), waits for
+//!    one grace period (`synchronize_rcu_tasks_trace()`) and frees what it moved, in chunks of
+//!    [`FREE_CHUNK`] with migration disabled and a rescheduling point between chunks;
+//! 4. without a lock, calls `rcu_barrier_tasks_trace()` (and gives the free work time) until
+//!    every CPU's `completed` reaches its `flush_target`.
 //!
-//! An item queued before the flush is either still in `pending` at step 2 (the flush frees it)
-//! or was taken before by an owner whose `started` increment precedes its `llist_del_all()`,
-//! which precedes the flush's in the list's modification order: both being fully ordered, the
-//! flush reads a `started` that counts that batch, and waits until it is freed.
+//! An item queued before the flush is either still in `pending` at step 2 (the flush takes it
+//! onto `drained`, and it is freed by this flush's step 3 or by that of a flusher that moved it
+//! after our take, before the ticket we check is published) or was taken before by an owner
+//! whose `started` increment precedes its `llist_del_all()`, which precedes the flush's in the
+//! list's modification order: both being fully ordered, the flush reads a `started` that counts
+//! that batch, and waits until it is freed. A `flush_target` read at step 4 may have been
+//! stored by a later flusher: it is larger, still counts only batches taken before that
+//! flusher's step 2, and `started - completed <= 1` bounds the wait by one grace period.
+//!
+//! Concurrent flushes (several maps freed at once) share their grace periods: flushers that
+//! draw tickets while one is in step 3 queue on `free_lock`, and the first of them to get it
+//! frees what all of them took after one more grace period; the others find their ticket
+//! covered and only wait in step 4, which needs no lock.
 //!
 //! # CPU hotplug
 //!
@@ -88,6 +113,7 @@ use kernel::{
     cpu::CpuId,
     debugfs::Dir,
     impl_has_irq_work,
+    impl_has_work,
     irq_work::{
         IrqWork,
         IrqWorkHandler, //
@@ -100,6 +126,7 @@ use kernel::{
     },
     percpu::{
         self,
+        MigrateDisabled,
         PerCpu, //
     },
     prelude::*,
@@ -121,22 +148,44 @@ use kernel::{
         Mutex,
         SetOnce, //
     },
+    task::might_sleep,
     time::{
         delay::fsleep,
-        Delta, //
+        Delta,
+        Instant,
+        Monotonic, //
     },
-    types::Opaque, //
+    types::Opaque,
+    warn_on,
+    workqueue::{
+        self,
+        new_work,
+        HasWork,
+        RawWorkItem,
+        Work,
+        WorkItem,
+        WorkItemPointer, //
+    }, //
 };
 
 const __LOG_PREFIX: &[u8] = b"bpf_local_storage_defer\0";
 
+/// Most objects freed in one step without a chance to reschedule: in one RCU callback (which
+/// runs with bottom halves disabled), in one run of the free work, or between two rescheduling
+/// points of a flush.
+///
+/// Stock 7.3 frees one object per callback; a batch freed in one callback could hold as many
+/// objects as were deleted on its CPU during a grace period that a sleepable program held for
+/// seconds.
+const FREE_CHUNK: usize = 64;
+
 /// An object freed by an [`Engine`].
-pub trait DeferFree: HasLListNode + Send + Sized {
+pub trait DeferFree: HasLListNode + Send + Sized + 'static {
     /// Frees `obj`, whose Tasks Trace RCU grace period has elapsed.
     ///
     /// Called once for every object passed to [`Engine::queue`], from an RCU callback (bottom
-    /// halves disabled) or from [`Engine::flush`] (process context); never from hard interrupt
-    /// or NMI context. It must not sleep.
+    /// halves disabled), from the engine's free work or from [`Engine::flush`] (process context,
+    /// migration disabled); never from hard interrupt or NMI context. It must not sleep.
     ///
     /// # Safety
     ///
@@ -160,6 +209,23 @@ struct Stats {
     flushed: Atomic<usize>,
     /// Largest `queued - freed` seen by a producer (approximate).
     max_pending: Atomic<usize>,
+    /// Batches whose frees continued in the free work.
+    offloads: Atomic<usize>,
+    /// Most objects freed in one step.
+    max_step: Atomic<usize>,
+    /// Longest step, in nanoseconds.
+    max_step_ns: Atomic<usize>,
+}
+
+/// Raises `max` to `v` if `v` is larger.
+fn record_max(max: &Atomic<usize>, v: usize) {
+    let mut cur = max.load(Relaxed);
+    while v > cur {
+        match max.cmpxchg(cur, v, Relaxed) {
+            Ok(_) => return,
+            Err(now) => cur = now,
+        }
+    }
 }
 
 impl Stats {
@@ -171,6 +237,9 @@ impl Stats {
             freed: Atomic::new(0),
             flushed: Atomic::new(0),
             max_pending: Atomic::new(0),
+            offloads: Atomic::new(0),
+            max_step: Atomic::new(0),
+            max_step_ns: Atomic::new(0),
         }
     }
 }
@@ -190,6 +259,12 @@ pub struct CpuStats {
     pub flushed: usize,
     /// Largest number of queued, not yet freed objects seen by a producer (approximate).
     pub max_pending: usize,
+    /// Batches whose frees continued in the free work (more than [`FREE_CHUNK`] objects).
+    pub offloads: usize,
+    /// Most objects freed in one step without a chance to reschedule.
+    pub max_step: usize,
+    /// Longest such step, in nanoseconds.
+    pub max_step_ns: usize,
 }
 
 impl CpuStats {
@@ -200,6 +275,9 @@ impl CpuStats {
         self.freed = self.freed.wrapping_add(o.freed);
         self.flushed = self.flushed.wrapping_add(o.flushed);
         self.max_pending = self.max_pending.max(o.max_pending);
+        self.offloads = self.offloads.wrapping_add(o.offloads);
+        self.max_step = self.max_step.max(o.max_step);
+        self.max_step_ns = self.max_step_ns.max(o.max_step_ns);
     }
 }
 
@@ -207,11 +285,13 @@ impl CpuStats {
 ///
 /// # Invariants
 ///
-/// - `in_flight` is 0 or 1; while it is 1, exactly one owner (a handler, a kick, or a grace
-///   period and its callback) has exclusive access to `batch` and to `rcu`.
-/// - While nobody owns the token, `batch` is empty and `rcu` is not queued.
-/// - `drained` is only accessed with the engine's `flush_lock` held, and is empty outside
-///   [`Engine::flush`].
+/// - `in_flight` is 0 or 1; while it is 1, exactly one owner (a handler, a kick, a grace period
+///   and its callback, or the free work) has exclusive access to `batch`, `rcu` and
+///   `free_work`.
+/// - While nobody owns the token, `batch` is empty, `rcu` is not queued and `free_work` is
+///   neither queued nor about to be.
+/// - `drained` is only accessed with the engine's `take_lock` held, `freeing` only with its
+///   `free_lock` held; `freeing` is empty outside step 3 of [`Engine::flush`].
 /// - `completed` never passes `started`, and `started - completed` is 0 or 1 (one batch at a
 ///   time); both are only modified by the token owner.
 #[pin_data]
@@ -220,6 +300,7 @@ struct CpuState<T: DeferFree> {
     in_flight: Atomic<u32>,
     batch: UnsafeCell<LListBatch<T>>,
     drained: UnsafeCell<LListBatch<T>>,
+    freeing: UnsafeCell<LListBatch<T>>,
     started: Atomic<usize>,
     completed: Atomic<usize>,
     flush_target: Atomic<usize>,
@@ -227,10 +308,13 @@ struct CpuState<T: DeferFree> {
     #[pin]
     work: IrqWork<CpuState<T>>,
     rcu: RcuHead<CpuState<T>>,
+    #[pin]
+    free_work: Work<CpuState<T>>,
 }
 
-// SAFETY: `batch` is only accessed by the token owner, `drained` only with the flush mutex held
-// (see the type invariants); every other field is atomic or designed for concurrent use.
+// SAFETY: `batch` is only accessed by the token owner, `drained` and `freeing` only with the
+// engine's locks held (see the type invariants); every other field is atomic or designed for
+// concurrent use.
 unsafe impl<T: DeferFree> Sync for CpuState<T> {}
 
 impl_has_irq_work! {
@@ -249,12 +333,14 @@ impl<T: DeferFree> CpuState<T> {
             in_flight: Atomic::new(0),
             batch: UnsafeCell::new(LListBatch::new()),
             drained: UnsafeCell::new(LListBatch::new()),
+            freeing: UnsafeCell::new(LListBatch::new()),
             started: Atomic::new(0),
             completed: Atomic::new(0),
             flush_target: Atomic::new(0),
             stats: Stats::new(),
             work <- IrqWork::new_hard(),
             rcu: RcuHead::new(),
+            free_work <- new_work!("bpf_local_storage_defer"),
         })
     }
 
@@ -300,7 +386,11 @@ impl<T: DeferFree> CpuState<T> {
             // An empty take completes at once. Release: a flush that reads `completed` with
             // acquire sees everything this owner did before.
             self.completed.fetch_add(1, Release);
-            // INVARIANT: `batch` is empty and `rcu` is not queued: the token may go.
+            // SAFETY: We own the token, hence `batch`.
+            let leftover = unsafe { !(*self.batch.get()).is_empty() };
+            warn_on!(leftover);
+            // INVARIANT: `batch` is empty, `rcu` is not queued and `free_work` is not queued
+            // (only the owner queues it, and it queues it last): the token may go.
             // Fully ordered, so that the re-check below cannot be satisfied before the release:
             // a handler that found the token taken wrote it after its producer's llist_add(),
             // and this xchg() reads that write.
@@ -316,16 +406,70 @@ impl<T: DeferFree> CpuState<T> {
         }
     }
 
-    /// Frees every object of `batch`; returns how many.
-    fn free_batch(batch: LListBatch<T>) -> usize {
+    /// Frees at most [`FREE_CHUNK`] objects of `batch`, one step; returns how many.
+    ///
+    /// Counts them as freed by this CPU's lists (and as flushed if `flushed`), and records the
+    /// step's size and duration.
+    fn free_chunk(&self, batch: &mut LListBatch<T>, flushed: bool) -> usize {
+        let start = Instant::<Monotonic>::now();
         let mut n: usize = 0;
-        for obj in batch {
+        while n < FREE_CHUNK {
+            let Some(obj) = batch.next() else { break };
             // SAFETY: Every object of a batch was passed to `Engine::queue` and its grace period
             // has elapsed; the batch hands it back to us and we pass it on.
             unsafe { T::free(obj) };
-            n = n.wrapping_add(1);
+            // No overflow: `n < FREE_CHUNK`.
+            n += 1;
         }
+        self.stats.freed.fetch_add(n, Relaxed);
+        if flushed {
+            self.stats.flushed.fetch_add(n, Relaxed);
+        }
+        record_max(&self.stats.max_step, n);
+        let ns = usize::try_from(start.elapsed().as_nanos()).unwrap_or(usize::MAX);
+        record_max(&self.stats.max_step_ns, ns);
         n
+    }
+
+    /// Frees the next step of the in-flight batch; then, if it is empty, completes it and chains
+    /// or gives the token back, otherwise hands the token to the free work.
+    ///
+    /// `from_callback` tells whether this is the first step, in the RCU callback.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the token and `batch` holds the in-flight batch.
+    unsafe fn free_step(&self, from_callback: bool) {
+        // SAFETY: The caller owns the token, hence `batch`.
+        let batch = unsafe { &mut *self.batch.get() };
+        self.free_chunk(batch, false);
+        if !batch.is_empty() {
+            // The token, and the rest of the batch, pass to the free work. It is not queued:
+            // only the token owner queues it, which is us.
+            if from_callback {
+                self.stats.offloads.fetch_add(1, Relaxed);
+            }
+            // INVARIANT: The reference goes with the token.
+            let queued = workqueue::system_unbound().enqueue(TokenRef(NonNull::from(self)));
+            warn_on!(!queued);
+            return;
+        }
+        self.stats.batches.fetch_add(1, Relaxed);
+        // Release: the frees above happen before a flush that sees this count returns.
+        self.completed.fetch_add(1, Release);
+        // Chain: start the next grace period for what arrived meanwhile, or give the token
+        // back. Callbacks may queue callbacks: `call_srcu()` from an SRCU callback is fine, and
+        // so it is from a work item.
+        //
+        // SAFETY: We own the token and `batch` is empty again.
+        unsafe { self.start_or_release() };
+    }
+
+    /// Waits until the free work is neither queued nor running (`flush_work()`).
+    fn sync_free_work(&self) {
+        // SAFETY: `free_work` is an initialised `work_struct` (pinned in `self`), which
+        // `flush_work()` may be called on at any time from a context that may sleep.
+        unsafe { bindings::flush_work(Work::raw_get(&raw const self.free_work)) };
     }
 
     fn snapshot(&self) -> CpuStats {
@@ -336,6 +480,9 @@ impl<T: DeferFree> CpuState<T> {
             freed: self.stats.freed.load(Relaxed),
             flushed: self.stats.flushed.load(Relaxed),
             max_pending: self.stats.max_pending.load(Relaxed),
+            offloads: self.stats.offloads.load(Relaxed),
+            max_step: self.stats.max_step.load(Relaxed),
+            max_step_ns: self.stats.max_step_ns.load(Relaxed),
         }
     }
 }
@@ -349,20 +496,82 @@ impl<T: DeferFree> IrqWorkHandler for CpuState<T> {
 }
 
 impl<T: DeferFree> RcuTasksTraceCallback for CpuState<T> {
-    /// Runs after the grace period of the in-flight batch, on any CPU.
+    /// Runs after the grace period of the in-flight batch, on any CPU, bottom halves disabled:
+    /// one step of at most [`FREE_CHUNK`] objects, the rest in the free work.
     fn run(this: &Self) {
-        // SAFETY: The grace period (and so this callback) owns the token, hence `batch`.
-        let batch = core::mem::take(unsafe { &mut *this.batch.get() });
-        let n = Self::free_batch(batch);
-        this.stats.freed.fetch_add(n, Relaxed);
-        this.stats.batches.fetch_add(1, Relaxed);
-        // Release: the frees above happen before a flush that sees this count returns.
-        this.completed.fetch_add(1, Release);
-        // Chain: start the next grace period for what arrived meanwhile, or give the token
-        // back. Callbacks may queue callbacks: `call_srcu()` from an SRCU callback is fine.
-        //
-        // SAFETY: We own the token and `batch` is empty again.
-        unsafe { this.start_or_release() };
+        let in_flight = this
+            .started
+            .load(Relaxed)
+            .wrapping_sub(this.completed.load(Relaxed));
+        warn_on!(in_flight != 1);
+        // SAFETY: The grace period (and so this callback) owns the token, hence `batch`, which
+        // holds the batch the grace period was started for.
+        unsafe { this.free_step(true) };
+    }
+}
+
+/// The token owner's reference to a [`CpuState`], which the RCU callback hands to the free work
+/// with the rest of a large batch, and each run of the free work to the next.
+///
+/// # Invariants
+///
+/// Points to a [`CpuState`] whose token the holder owns. The state lives until its engine is
+/// dropped, which waits for the free work (`flush_work()`) after the last batch completed.
+struct TokenRef<T: DeferFree>(NonNull<CpuState<T>>);
+
+// SAFETY: `CpuState` is `Sync`, and the token, which is all that the reference stands for, may be
+// owned by any thread: the work runs on any CPU.
+unsafe impl<T: DeferFree> Send for TokenRef<T> {}
+
+impl_has_work! {
+    impl{T: DeferFree} HasWork<CpuState<T>> for CpuState<T> { self.free_work }
+}
+
+// SAFETY: `__enqueue` passes the `work_struct` of the state's `free_work`, which `CpuState::new`
+// initialised with `<TokenRef<T> as WorkItemPointer>::run` (through `Work::new` and
+// `WorkItem::Pointer`). By the type invariants the state outlives the work's run.
+unsafe impl<T: DeferFree> RawWorkItem<0> for TokenRef<T> {
+    /// Whether the work was queued: always, since only the token owner queues it.
+    type EnqueueOutput = bool;
+
+    unsafe fn __enqueue<F>(self, queue_work_on: F) -> bool
+    where
+        F: FnOnce(*mut bindings::work_struct) -> bool,
+    {
+        // SAFETY: By the type invariants, `self.0` points to a valid state.
+        let work = unsafe { Work::raw_get(&raw const (*self.0.as_ptr()).free_work) };
+        queue_work_on(work)
+    }
+}
+
+// SAFETY: `run` is the function `free_work` was initialised with; it only converts the
+// `work_struct` back to the state it is embedded in.
+unsafe impl<T: DeferFree> WorkItemPointer<0> for TokenRef<T> {
+    unsafe extern "C" fn run(ptr: *mut bindings::work_struct) {
+        // `Work<T>` is `repr(transparent)` over `Opaque<bindings::work_struct>`.
+        let work = ptr.cast::<Work<CpuState<T>>>();
+        // SAFETY: The work was queued by `__enqueue`, from the `free_work` field of a valid
+        // state that lives until the work has run.
+        let state = unsafe { <CpuState<T> as HasWork<CpuState<T>>>::work_container_of(work) };
+        // SAFETY: As above, `state` is not null.
+        let state = unsafe { NonNull::new_unchecked(state) };
+        // INVARIANT: The token passed to this run of the work with the queueing.
+        <CpuState<T> as WorkItem>::run(TokenRef(state))
+    }
+}
+
+impl<T: DeferFree> WorkItem for CpuState<T> {
+    type Pointer = TokenRef<T>;
+
+    /// Process context, on any CPU: one step of at most [`FREE_CHUNK`] objects with migration
+    /// disabled (a percpu kptr's drop uses `this_cpu_ptr()`); the next step is queued anew, so
+    /// that the worker reschedules in between.
+    fn run(this: TokenRef<T>) {
+        // SAFETY: By the type invariants of `TokenRef`, the state is valid.
+        let st = unsafe { this.0.as_ref() };
+        let _pin = MigrateDisabled::new();
+        // SAFETY: The work owns the token, and `batch` holds the rest of the in-flight batch.
+        unsafe { st.free_step(false) };
     }
 }
 
@@ -370,13 +579,17 @@ impl<T: DeferFree> RcuTasksTraceCallback for CpuState<T> {
 ///
 /// # Invariants
 ///
-/// `pcpu` holds the state of every possible CPU; it is only dropped after no handler or callback
-/// can run on it any more.
+/// `pcpu` holds the state of every possible CPU; it is only dropped after no handler, callback
+/// or free work can run on it any more.
 #[pin_data(PinnedDrop)]
 pub struct Engine<T: DeferFree> {
     pcpu: PerCpu<CpuState<T>>,
+    /// Owns every CPU's `drained`; holds the last flush ticket drawn.
     #[pin]
-    flush_lock: Mutex<()>,
+    take_lock: Mutex<usize>,
+    /// Owns every CPU's `freeing`; holds the last flush ticket whose items are freed.
+    #[pin]
+    free_lock: Mutex<usize>,
 }
 
 impl<T: DeferFree> Engine<T> {
@@ -384,7 +597,8 @@ impl<T: DeferFree> Engine<T> {
     pub fn new() -> impl PinInit<Self, Error> {
         try_pin_init!(Self {
             pcpu: PerCpu::new(|_| CpuState::new())?,
-            flush_lock <- new_mutex!(()),
+            take_lock <- new_mutex!(0),
+            free_lock <- new_mutex!(0),
         }? Error)
     }
 
@@ -440,10 +654,9 @@ impl<T: DeferFree> Engine<T> {
 
     /// Frees every object queued before the call, then returns.
     ///
-    /// Sleeps; must not be called inside a Tasks Trace RCU read-side critical section.
+    /// Sleeps; must not be called inside a Tasks Trace RCU read-side critical section. Concurrent
+    /// flushes share their grace periods (see the module documentation).
     pub fn flush(&self) {
-        let _guard = self.flush_lock.lock();
-
         // Step 1: a handler half-way through a take (token taken, call_rcu_tasks_trace() not
         // made yet) would make the barriers of step 4 return early and loop; let every running
         // or pending handler finish first. Offline CPUs run none, and never have one pending
@@ -460,39 +673,69 @@ impl<T: DeferFree> Engine<T> {
         // llist_del_all() is safe against concurrent llist_add(). Then read how many batches
         // the CPU's owners have taken so far. The take is a fully ordered xchg(): an owner
         // whose own take came first in `pending`'s modification order had incremented
-        // `started` before it, so the read below counts its batch.
-        let mut any = false;
-        for cpu in percpu::possible_cpus() {
-            let Some(st) = self.state(cpu) else { continue };
-            let drained = st.pending.del_all();
-            any |= !drained.is_empty();
-            // SAFETY: We hold `flush_lock`, which owns `drained`; it is empty outside flushes.
-            unsafe { (*st.drained.get()).append(drained) };
-            st.flush_target.store(st.started.load(Relaxed), Relaxed);
-        }
-
-        // Step 3: the drained objects were unlinked before we took them, so one grace period
-        // that starts now covers them all.
-        if any {
-            rcu_tasks_trace::synchronize_rcu_tasks_trace();
+        // `started` before it, so the read below counts its batch. `started` only grows, and
+        // flushers store it under `take_lock`, so `flush_target` only grows too.
+        let ticket = {
+            let mut last = self.take_lock.lock();
             for cpu in percpu::possible_cpus() {
                 let Some(st) = self.state(cpu) else { continue };
-                // SAFETY: We hold `flush_lock`, which owns `drained`.
-                let drained = core::mem::take(unsafe { &mut *st.drained.get() });
-                if drained.is_empty() {
-                    continue;
+                let taken = st.pending.del_all();
+                // SAFETY: We hold `take_lock`, which owns `drained`.
+                unsafe { (*st.drained.get()).append(taken) };
+                st.flush_target.store(st.started.load(Relaxed), Relaxed);
+            }
+            *last = last.wrapping_add(1);
+            *last
+        };
+
+        // Step 3: free what we took, unless a flusher that moved it after our step 2 did.
+        {
+            let mut freed = self.free_lock.lock();
+            if (freed.wrapping_sub(ticket) as isize) < 0 {
+                let mut any = false;
+                let cover = {
+                    let last = self.take_lock.lock();
+                    for cpu in percpu::possible_cpus() {
+                        let Some(st) = self.state(cpu) else { continue };
+                        // SAFETY: We hold `take_lock`, which owns `drained`.
+                        let drained = core::mem::take(unsafe { &mut *st.drained.get() });
+                        any |= !drained.is_empty();
+                        // SAFETY: We hold `free_lock`, which owns `freeing`.
+                        unsafe { (*st.freeing.get()).append(drained) };
+                    }
+                    *last
+                };
+                // The moved objects were unlinked before they were taken, so one grace period
+                // that starts now covers them all.
+                if any {
+                    rcu_tasks_trace::synchronize_rcu_tasks_trace();
+                    for cpu in percpu::possible_cpus() {
+                        let Some(st) = self.state(cpu) else { continue };
+                        // SAFETY: We hold `free_lock`, which owns `freeing`.
+                        let freeing = unsafe { &mut *st.freeing.get() };
+                        if freeing.is_empty() {
+                            continue;
+                        }
+                        while !freeing.is_empty() {
+                            {
+                                let _pin = MigrateDisabled::new();
+                                st.free_chunk(freeing, true);
+                            }
+                            might_sleep();
+                        }
+                        st.stats.batches.fetch_add(1, Relaxed);
+                    }
                 }
-                let n = CpuState::<T>::free_batch(drained);
-                st.stats.freed.fetch_add(n, Relaxed);
-                st.stats.flushed.fetch_add(n, Relaxed);
-                st.stats.batches.fetch_add(1, Relaxed);
+                // Every ticket up to `cover` was drawn before the move: its items are freed.
+                *freed = cover;
             }
         }
 
         // Step 4: wait for the batches the owners had taken. The barrier waits for the
         // callbacks queued before it; one that re-arms queues a new callback the barrier does
-        // not wait for, hence the loop on the counters rather than a single barrier. Acquire
-        // pairs with the release increment after the frees.
+        // not wait for, and one that handed a large batch to the free work completes it later,
+        // hence the loop on the counters rather than a single barrier. Acquire pairs with the
+        // release increment after the frees.
         for cpu in percpu::possible_cpus() {
             let Some(st) = self.state(cpu) else { continue };
             let target = st.flush_target.load(Relaxed);
@@ -500,8 +743,9 @@ impl<T: DeferFree> Engine<T> {
             while !done() {
                 rcu_tasks_trace::rcu_barrier_tasks_trace();
                 if !done() {
-                    // An owner between its take and call_rcu_tasks_trace() (a hotplug kick
-                    // can be preempted there): the barrier had nothing to wait for.
+                    // The free work is still freeing the batch, or an owner is between its
+                    // take and call_rcu_tasks_trace() (a hotplug kick can be preempted there):
+                    // the barrier had nothing to wait for.
                     fsleep(Delta::from_millis(1));
                 }
             }
@@ -547,11 +791,20 @@ impl<T: DeferFree> PinnedDrop for Engine<T> {
     fn drop(self: Pin<&mut Self>) {
         // Nobody can queue any more: we are being dropped. Free what is left.
         self.flush();
-        // A callback may still be giving its token back after its `completed` increment; it
-        // was queued before this barrier, which waits until it has returned. No handler can
-        // run: only producers queue them, and `flush()` synced those queued before.
+        // A callback, or the free work, may still be giving its token back after its
+        // `completed` increment. The callback was queued before this barrier, which waits
+        // until it has returned; the free work is waited for right after. Neither starts
+        // another grace period: nothing is pending any more. No handler can run: only
+        // producers queue them, and `flush()` synced those queued before.
         rcu_tasks_trace::rcu_barrier_tasks_trace();
-        // INVARIANT: No handler or callback can touch `pcpu` any more; it is dropped next.
+        for cpu in percpu::possible_cpus() {
+            if let Some(st) = self.state(cpu) {
+                st.sync_free_work();
+                warn_on!(!st.pending.is_empty() || st.in_flight.load(Acquire) != 0);
+            }
+        }
+        // INVARIANT: No handler, callback or free work can touch `pcpu` any more; it is
+        // dropped next.
     }
 }
 
@@ -660,18 +913,21 @@ static STORAGES: SetOnce<Pin<KBox<Engine<Storage>>>> = SetOnce::new();
 /// one `total` line per engine, fields separated by one space:
 ///
 /// ```text
-/// engine cpu queued batches gps freed flushed max_pending
-/// selem 0 120 7 6 118 2 40
-/// selem total 120 7 6 118 2 40
-/// storage 0 3 1 1 3 0 1
-/// storage total 3 1 1 3 0 1
+/// engine cpu queued batches gps freed flushed max_pending offloads max_step max_step_ns
+/// selem 0 120 7 6 118 2 40 1 64 81200
+/// selem total 120 7 6 118 2 40 1 64 81200
+/// storage 0 3 1 1 3 0 1 0 1 2300
+/// storage total 3 1 1 3 0 1 0 1 2300
 /// ```
 ///
 /// `queued`: objects queued; `batches`: batches freed; `gps`: Tasks Trace grace periods started
 /// by the chain; `freed`: objects freed (by the chain or a flush); `flushed`: objects freed by
-/// `bpf_local_storage_defer_flush()`; `max_pending`: largest number of queued, not yet freed
-/// objects a producer saw (approximate). Counters are per CPU of the producer and wrap.
-/// `queued - freed` is the number of objects still waiting.
+/// a flush; `max_pending`: largest number of queued, not yet freed objects a producer saw
+/// (approximate); `offloads`: batches whose frees continued in the free work; `max_step` and
+/// `max_step_ns`: most objects freed, and longest time spent freeing, in one step without a
+/// chance to reschedule. Counters are per CPU of the producer and wrap; on a `total` line the
+/// `max_*` fields are the largest of the CPUs'. `queued - freed` is the number of objects still
+/// waiting.
 struct StatsFile;
 
 fn write_engine<T: DeferFree>(
@@ -685,8 +941,16 @@ fn write_engine<T: DeferFree>(
     let line = |f: &mut fmt::Formatter<'_>, cpu: &dyn fmt::Display, s: &CpuStats| {
         writeln!(
             f,
-            "{name} {cpu} {} {} {} {} {} {}",
-            s.queued, s.batches, s.gps, s.freed, s.flushed, s.max_pending
+            "{name} {cpu} {} {} {} {} {} {} {} {} {}",
+            s.queued,
+            s.batches,
+            s.gps,
+            s.freed,
+            s.flushed,
+            s.max_pending,
+            s.offloads,
+            s.max_step,
+            s.max_step_ns
         )
     };
     for cpu in percpu::possible_cpus() {
@@ -699,7 +963,10 @@ fn write_engine<T: DeferFree>(
 
 impl fmt::Debug for StatsFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("engine cpu queued batches gps freed flushed max_pending\n")?;
+        f.write_str(
+            "engine cpu queued batches gps freed flushed max_pending offloads max_step \
+             max_step_ns\n",
+        )?;
         write_engine(f, "selem", SELEMS.as_ref())?;
         write_engine(f, "storage", STORAGES.as_ref())
     }
@@ -853,7 +1120,10 @@ pub unsafe extern "C" fn bpf_local_storage_free_deferred(
     true
 }
 
-/// Frees every element and storage queued before the call.
+/// Frees every element queued before the call.
+///
+/// Storages are not flushed: freeing one never reads a map, so a map may go away while storages
+/// freed with their last element of it still wait for their grace period.
 ///
 /// # Safety
 ///
@@ -862,9 +1132,6 @@ pub unsafe extern "C" fn bpf_local_storage_free_deferred(
 #[export]
 pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
     if let Some(engine) = SELEMS.as_ref() {
-        engine.flush();
-    }
-    if let Some(engine) = STORAGES.as_ref() {
         engine.flush();
     }
 }
@@ -1593,7 +1860,13 @@ mod tests {
         hardirq: usize,
         nmi: usize,
         nested: usize,
+        /// Objects the chain had not freed [`NEST_SETTLE_MS`] after the producers stopped,
+        /// before the flush: stranded.
+        stranded: usize,
     }
+
+    /// How long the chain alone gets, after a round's producers stopped, to free everything.
+    const NEST_SETTLE_MS: u32 = 10_000;
 
     impl NestRound {
         fn accumulate(&mut self, r: &NestRound) {
@@ -1609,11 +1882,13 @@ mod tests {
             self.hardirq = self.hardirq.saturating_add(r.hardirq);
             self.nmi = self.nmi.saturating_add(r.nmi);
             self.nested = self.nested.saturating_add(r.nested);
+            self.stranded = self.stranded.saturating_add(r.stranded);
         }
     }
 
     /// One round: a fresh pool and engine, the producers of every CPU until the pool is used up
-    /// or `deadline_ms` after `start`, then a flush.
+    /// or `deadline_ms` after `start`, then [`NEST_SETTLE_MS`] for the chain alone to free
+    /// everything, then a flush.
     fn nested_round(start: &Instant<Monotonic>, deadline_ms: i64) -> Result<NestRound> {
         let stress = Stress::new(NEST_OBJS)?;
         #[cfg(CONFIG_X86_LOCAL_APIC)]
@@ -1636,11 +1911,16 @@ mod tests {
         let (task, hardirq) = (stress.task.load(Relaxed), stress.hardirq.load(Relaxed));
         let (softirq, nmi) = (stress.softirq.load(Relaxed), stress.nmi.load(Relaxed));
         let produced = task + softirq + hardirq + nmi;
+        // No producer any more, no flush yet: what the chain does not free within the bound
+        // (a re-check or re-arm that missed items) is stranded.
+        wait_until(|| stress.pool.freed() >= produced, NEST_SETTLE_MS);
+        let stranded = produced.saturating_sub(stress.pool.freed());
         stress.engine.flush();
         // Read right after flush() returned: nothing may still be on its way.
         let freed = stress.pool.freed();
         let total = stress.engine.total_stats();
         Ok(NestRound {
+            stranded,
             ipis_stuck: usize::from(stress.ipis_stuck.load(Relaxed)),
             claimed,
             produced,
@@ -1665,7 +1945,10 @@ mod tests {
     /// CPUs' threads send queue on top of it, in rounds of [`NEST_OBJS`] objects for
     /// [`NEST_BUDGET_MS`]; `nested > 0` checks that the nesting this relies on happened. The
     /// other checks are those of [`producers_in_all_contexts`]. Under TCG a run sees a few
-    /// thousand nested objects and, with `BROKEN=1`, loses hundreds.
+    /// thousand nested objects and, with `BROKEN=1`, loses hundreds. Before each round's flush
+    /// the chain alone must have freed everything (`stranded == 0`): producers on every CPU
+    /// race the callbacks that re-arm or give the token back, and an item that a missed re-check
+    /// or re-arm leaves behind (`BROKEN=kc`) is only ever freed by a flush.
     #[test]
     fn nested_producers_on_every_cpu() -> Result {
         let start = Instant::<Monotonic>::now();
@@ -1688,14 +1971,17 @@ mod tests {
             sum.nested
         );
         pr_info!(
-            "nested producers: produced {}, freed {}, not freed once {}, bad {}\n",
+            "nested producers: produced {}, freed {}, not freed once {}, bad {}, \
+             stranded without a flush {}\n",
             sum.produced,
             sum.freed,
             sum.not_once,
-            sum.bad
+            sum.bad,
+            sum.stranded
         );
 
         assert_eq!(sum.ipis_stuck, 0);
+        assert_eq!(sum.stranded, 0);
         assert_eq!(sum.produced, sum.claimed);
         assert_eq!(sum.freed, sum.produced);
         assert_eq!(sum.not_once, 0);
@@ -1786,6 +2072,71 @@ mod tests {
         assert_eq!(s.flushed, 0);
         assert!(pool.freed_once(0..2));
         assert_eq!(pool.bad(), 0);
+        Ok(())
+    }
+
+    // --- c2. A large batch is freed in bounded steps -------------------------------------------
+
+    /// Objects queued on one CPU while [`bounded_steps_after_held_grace_period`] holds the grace
+    /// period.
+    const BIG_BATCH: usize = 100_000;
+    /// How long it holds the grace period, at least.
+    const BIG_HOLD_MS: i64 = 2_000;
+    /// The most objects a step may free: [`FREE_CHUNK`], written out so that a change of the
+    /// constant (`BROKEN=kb`) shows.
+    const STEP_BOUND: usize = 64;
+
+    /// Guards: a sleeping reader holds the first grace period for two seconds while 100,000
+    /// objects are queued on one CPU; they form one batch, which must then be freed in steps of
+    /// at most [`FREE_CHUNK`] objects, continued in the free work (`max_step` and `offloads`
+    /// fail for an engine that frees a whole batch in its RCU callback, with bottom halves
+    /// disabled: `BROKEN=kb`), by the chain alone (no flush), and in a few grace periods
+    /// (`gps`: batching). Prints the longest step, in objects and nanoseconds.
+    #[test]
+    fn bounded_steps_after_held_grace_period() -> Result {
+        let pool = Pool::new(BIG_BATCH)?;
+        let engine = new_engine()?;
+
+        let reader = rcu_tasks_trace::read_lock();
+        let start = Instant::<Monotonic>::now();
+        let pin = MigrateDisabled::new();
+        let cpu = CpuId::current();
+        for i in 0..BIG_BATCH {
+            queue(&engine, pool.obj(i).ok_or(EINVAL)?);
+        }
+        drop(pin);
+        let left = BIG_HOLD_MS - start.elapsed().as_millis();
+        if left > 0 {
+            fsleep(Delta::from_millis(left));
+        }
+        let held = pool.freed() == 0;
+        drop(reader);
+
+        // No producer and no flush from here on: only the chain and the free work free them.
+        let freed = wait_until(|| pool.freed() == BIG_BATCH, 60_000);
+        let s = engine.stats(cpu).unwrap_or_default();
+        kernel::pr_info!(
+            "bounded_steps: {} objects on CPU {} after {} ms: {} grace periods, {} batches, \
+             {} offloaded, longest step {} objects, {} ns\n",
+            s.freed,
+            cpu.as_u32(),
+            start.elapsed().as_millis(),
+            s.gps,
+            s.batches,
+            s.offloads,
+            s.max_step,
+            s.max_step_ns
+        );
+        drop(engine);
+
+        assert!(held);
+        assert!(freed);
+        assert!(pool.freed_once(0..BIG_BATCH));
+        assert_eq!(pool.bad(), 0);
+        assert_eq!(s.flushed, 0);
+        assert!(s.max_step <= STEP_BOUND);
+        assert!(s.offloads >= 1);
+        assert!(s.gps <= 3);
         Ok(())
     }
 

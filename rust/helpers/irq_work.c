@@ -2,12 +2,6 @@
 
 #include <linux/irq_work.h>
 
-__rust_helper void rust_helper_init_irq_work(struct irq_work *work,
-					     void (*func)(struct irq_work *))
-{
-	init_irq_work(work, func);
-}
-
 /* Like init_irq_work(), with the IRQ_WORK_INIT_HARD() flags. */
 __rust_helper void rust_helper_init_irq_work_hard(struct irq_work *work,
 						  void (*func)(struct irq_work *))

@@ -2,11 +2,6 @@
 
 #include <linux/llist.h>
 
-__rust_helper void rust_helper_init_llist_head(struct llist_head *list)
-{
-	init_llist_head(list);
-}
-
 __rust_helper bool rust_helper_llist_add(struct llist_node *new,
 					 struct llist_head *head)
 {

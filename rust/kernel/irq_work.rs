@@ -16,7 +16,10 @@ use crate::{
 use core::marker::PhantomData;
 
 /// Code run by an [`IrqWork`] embedded in `Self`.
-pub trait IrqWorkHandler {
+///
+/// `Sync`: the handler gets a shared reference on the CPU that queued the work, while other
+/// CPUs may hold shared references to the same object.
+pub trait IrqWorkHandler: Sync {
     /// Called in hard interrupt context, interrupts disabled, on the CPU that queued the work.
     ///
     /// With [`IrqWork::new_hard`], this holds even on `PREEMPT_RT`. It must not sleep.
@@ -131,19 +134,6 @@ impl<T: HasIrqWork> IrqWork<T> {
             work <- Opaque::ffi_init(|slot: *mut bindings::irq_work| {
                 // SAFETY: `slot` is valid for writing a `struct irq_work`.
                 unsafe { bindings::init_irq_work_hard(slot, Some(Self::run_callback)) }
-            }),
-            _t: PhantomData,
-        })
-    }
-
-    /// Creates a work item (`init_irq_work()`); on `PREEMPT_RT` it runs in a per-CPU thread.
-    #[inline]
-    pub fn new() -> impl PinInit<Self> {
-        pin_init!(Self {
-            // INVARIANT: The work is initialised with `run_callback`, and `pin_init!` pins it.
-            work <- Opaque::ffi_init(|slot: *mut bindings::irq_work| {
-                // SAFETY: `slot` is valid for writing a `struct irq_work`.
-                unsafe { bindings::init_irq_work(slot, Some(Self::run_callback)) }
             }),
             _t: PhantomData,
         })

@@ -275,22 +275,6 @@ impl<T: HasLListNode> LListBatch<T> {
         self.first.is_null()
     }
 
-    /// Adds `item` at the front of the batch (`__llist_add()`, not atomic).
-    ///
-    /// # Safety
-    ///
-    /// - `item` must point to a valid `T` whose node is on no list.
-    /// - Ownership of `item` passes to the batch.
-    #[inline]
-    pub unsafe fn push(&mut self, item: NonNull<T>) {
-        // SAFETY: The caller guarantees that `item` is valid.
-        let node = LListNode::raw(unsafe { T::raw_get_llist_node(item.as_ptr()) });
-        // SAFETY: The caller passes an unused node of a valid item, so we may write its link.
-        unsafe { (*node).next = self.first };
-        // INVARIANT: The chain gains an owned, valid item at its front.
-        self.first = node;
-    }
-
     /// Moves every item of `other` to the front of `self`, keeping their order.
     ///
     /// This walks `other` to find its last node.

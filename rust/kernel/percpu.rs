@@ -18,7 +18,8 @@ use crate::{
     alloc::AllocError,
     bindings,
     cpu::CpuId,
-    prelude::*, //
+    prelude::*,
+    types::NotThreadSafe, //
 };
 use core::{
     marker::PhantomData,
@@ -147,8 +148,10 @@ impl<T> PerCpu<T> {
 
     /// Runs `f` on the slot of the current CPU with preemption disabled.
     ///
-    /// The CPU cannot change (or go offline) while `f` runs. Callable from any context, NMI
-    /// included; `f` must not sleep.
+    /// The CPU cannot change while `f` runs. It need not be online: NMIs, and the code that
+    /// brings a CPU up or takes it down, run on CPUs that are not in the online mask; callers
+    /// that care check [`cpu_online`]. Callable from any context, NMI included; `f` must not
+    /// sleep.
     #[inline]
     pub fn with_local<R>(&self, f: impl FnOnce(CpuId, Pin<&T>) -> R) -> R {
         // SAFETY: `preempt_disable()` may be called from any context; it is undone below.
@@ -191,5 +194,45 @@ impl<T> Drop for PerCpu<T> {
         }
         // SAFETY: `self.ptr` came from `__alloc_percpu()` and every slot has been dropped.
         unsafe { bindings::free_percpu(self.ptr.as_ptr()) };
+    }
+}
+
+/// Keeps the current task on its CPU until it is dropped (`migrate_disable()`).
+///
+/// The task stays preemptible and may sleep, but runs on this CPU only, so that code using
+/// `this_cpu_ptr()` without disabling preemption (for example `bpf_mem_free_rcu()`, which a
+/// kptr destructor may reach) finds one CPU's data throughout.
+///
+/// # Invariants
+///
+/// The current task called `migrate_disable()` when the guard was created and has not undone
+/// it; the guard is not `Send`, so it is dropped by the same task.
+#[must_use = "migration is enabled again as soon as the guard is dropped"]
+pub struct MigrateDisabled(NotThreadSafe);
+
+impl MigrateDisabled {
+    /// Disables migration of the current task. Task context only.
+    #[inline]
+    pub fn new() -> Self {
+        // SAFETY: `migrate_disable()` may be called from any task context and nests; it is
+        // undone by `Drop`.
+        unsafe { bindings::migrate_disable() };
+        // INVARIANT: Migration was just disabled by this task.
+        Self(NotThreadSafe)
+    }
+}
+
+impl Default for MigrateDisabled {
+    #[inline]
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for MigrateDisabled {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: By the type invariants, this task disabled migration in `new()`.
+        unsafe { bindings::migrate_enable() };
     }
 }

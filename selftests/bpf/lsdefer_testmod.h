@@ -14,6 +14,12 @@
 #define LSDEFER_NMI		LSDEFER_DEBUGFS "/nmi"
 /* write "CPU N GAP_US": raise N NMIs on CPU, GAP_US apart at most (x86) */
 #define LSDEFER_NMI_STORM	LSDEFER_DEBUGFS "/nmi_storm"
+/*
+ * write "N": N times, on the writer's CPU, hold the lock of the writer's task
+ * local storage and raise an NMI (x86 only): the NMI program's creates and
+ * deletes of that storage fail with -EDEADLK and take their error paths.
+ */
+#define LSDEFER_NMI_LOCKED	LSDEFER_DEBUGFS "/nmi_locked"
 
 /*
  * An object BPF programs get from bpf_lsdefer_obj_new() and keep as a
@@ -43,6 +49,7 @@ enum lsdefer_counter {
 	LSDEFER_CNT_LAST_DTOR_SEQ, /* clock value of the latest dtor */
 	LSDEFER_CNT_NMI,	/* NMIs that called bpf_lsdefer_nmi_target() */
 	LSDEFER_CNT_NMI_LOST,	/* NMIs raised that did not arrive in time */
+	LSDEFER_CNT_NMI_LOCKED,	/* NMIs raised holding a task storage lock */
 	LSDEFER_CNT_NR,
 };
 
@@ -57,6 +64,7 @@ static const char * const lsdefer_cnt_names[LSDEFER_CNT_NR] = {
 	[LSDEFER_CNT_LAST_DTOR_SEQ]	= "last_dtor_seq",
 	[LSDEFER_CNT_NMI]		= "nmi",
 	[LSDEFER_CNT_NMI_LOST]		= "nmi_lost",
+	[LSDEFER_CNT_NMI_LOCKED]	= "nmi_locked",
 };
 #endif
 

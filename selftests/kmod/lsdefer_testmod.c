@@ -10,14 +10,18 @@
  * - bpf_lsdefer_nmi_target(): called from this module's NMI handler, for
  *   fentry programs. Writing <debugfs>/lsdefer_testmod/nmi raises an NMI on
  *   the writer's CPU; nmi_storm raises a stream of NMIs on another CPU, which
- *   land wherever that CPU happens to be. x86 only: QEMU TCG has no PMU, but
- *   its local APIC delivers NMI IPIs.
+ *   land wherever that CPU happens to be; nmi_locked raises NMIs on the
+ *   writer's CPU while it holds the lock of its own task local storage, so
+ *   that the NMI programs' creates and deletes take their -EDEADLK error
+ *   paths in NMI. x86 only: QEMU TCG has no PMU, but its local APIC delivers
+ *   NMI IPIs.
  * - <debugfs>/lsdefer_testmod/stats: the counters of enum lsdefer_counter.
  *
  * Interface: ../bpf/lsdefer_testmod.h.
  */
 #include <linux/atomic.h>
 #include <linux/bpf.h>
+#include <linux/bpf_local_storage.h>
 #include <linux/btf.h>
 #include <linux/btf_ids.h>
 #include <linux/cfi.h>
@@ -32,10 +36,13 @@
 #include <linux/percpu.h>
 #include <linux/preempt.h>
 #include <linux/random.h>
+#include <linux/rcupdate.h>
+#include <linux/sched.h>
 #include <linux/sched/signal.h>
 #include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
+#include <asm/rqspinlock.h>
 #ifdef CONFIG_X86_LOCAL_APIC
 #include <asm/apic.h>
 #include <asm/nmi.h>
@@ -291,6 +298,60 @@ out:
 	return err ?: len;
 }
 
+/*
+ * One NMI on this CPU while it holds the lock of current's task local
+ * storage. The programs on the NMI hook then get -EDEADLK from rqspinlock's
+ * AA check for whatever takes that lock: a create frees its new element,
+ * which was never published, from NMI.
+ */
+static int lsdefer_nmi_locked_one(void)
+{
+	struct bpf_local_storage *local_storage;
+	unsigned long flags;
+	int err;
+
+	rcu_read_lock();
+	local_storage = rcu_dereference(current->bpf_storage);
+	if (!local_storage) {
+		err = -ENOENT;
+		goto out;
+	}
+	/* Also disables preemption: the NMI lands on the lock holder. */
+	err = raw_res_spin_lock_irqsave(&local_storage->lock, flags);
+	if (err)
+		goto out;
+	err = lsdefer_raise_nmi(smp_processor_id());
+	raw_res_spin_unlock_irqrestore(&local_storage->lock, flags);
+	if (!err)
+		atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_NMI_LOCKED]);
+out:
+	rcu_read_unlock();
+	return err;
+}
+
+/*
+ * write "N": N NMIs on the writer's CPU, each waited for, each raised while
+ * holding the lock of the writer's task local storage (-ENOENT: it has none).
+ */
+static ssize_t lsdefer_nmi_locked_write(struct file *file, const char __user *ubuf,
+					size_t len, loff_t *ppos)
+{
+	int v[1], i, err;
+
+	err = lsdefer_parse(ubuf, len, v, 1);
+	if (err)
+		return err;
+	if (v[0] <= 0 || v[0] > 1000000)
+		return -EINVAL;
+	mutex_lock(&lsdefer_nmi_lock);
+	for (i = 0; i < v[0] && !err; i++) {
+		err = lsdefer_nmi_locked_one();
+		cond_resched();
+	}
+	mutex_unlock(&lsdefer_nmi_lock);
+	return err ?: len;
+}
+
 static const struct file_operations lsdefer_nmi_fops = {
 	.owner = THIS_MODULE,
 	.write = lsdefer_nmi_write,
@@ -300,6 +361,12 @@ static const struct file_operations lsdefer_nmi_fops = {
 static const struct file_operations lsdefer_nmi_storm_fops = {
 	.owner = THIS_MODULE,
 	.write = lsdefer_nmi_storm_write,
+	.llseek = noop_llseek,
+};
+
+static const struct file_operations lsdefer_nmi_locked_fops = {
+	.owner = THIS_MODULE,
+	.write = lsdefer_nmi_locked_write,
 	.llseek = noop_llseek,
 };
 #endif /* LSDEFER_HAVE_NMI */
@@ -345,6 +412,8 @@ static int __init lsdefer_init(void)
 	debugfs_create_file("nmi", 0200, lsdefer_dir, NULL, &lsdefer_nmi_fops);
 	debugfs_create_file("nmi_storm", 0200, lsdefer_dir, NULL,
 			    &lsdefer_nmi_storm_fops);
+	debugfs_create_file("nmi_locked", 0200, lsdefer_dir, NULL,
+			    &lsdefer_nmi_locked_fops);
 #endif
 	return 0;
 }

@@ -96,7 +96,10 @@ pub fn rcu_barrier_tasks_trace() {
 }
 
 /// Code run by an [`RcuHead`] embedded in `Self` after a Tasks Trace RCU grace period.
-pub trait RcuTasksTraceCallback {
+///
+/// `Sync`: the callback gets a shared reference on whichever CPU runs it, while other CPUs may
+/// hold shared references to the same object.
+pub trait RcuTasksTraceCallback: Sync {
     /// Called after the grace period, from a workqueue with bottom halves disabled, on any CPU.
     ///
     /// It must not sleep. It may queue the same [`RcuHead`] again.

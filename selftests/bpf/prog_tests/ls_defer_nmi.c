@@ -13,22 +13,38 @@
  *              deletes return 0 and the elements are gone. Fails on stock 7.3.
  * nmi_storm:   one CPU raises NMIs on another that runs threads deleting and
  *              re-creating the same storage from syscalls and tp_btf
- *              programs; the NMI program deletes it too. An
+ *              programs; the NMI program deletes and re-creates it too. An
  *              NMI that lands in the middle of a task-context delete queues
  *              onto the same CPU's list: a producer list that is not NMI-safe
  *              loses elements or frees them twice, which the destructor
- *              counts show (and KASAN, in sanitized runs).
- * perf_hw_nmi: the same with hardware PMU NMIs, where there is a PMU (not on
- *              QEMU TCG: skipped).
+ *              counts show (and KASAN, in sanitized runs). An NMI create that
+ *              fails frees its element in NMI (see create_error): without the
+ *              engine, a lockdep splat, when an NMI happens to land on a lock
+ *              holder.
+ * create_error: lsdefer_testmod holds the lock of the test thread's task
+ *              storage (not empty: it holds a victim_map value) and raises
+ *              an NMI on its CPU, 64 times. The NMI program finds no task_map
+ *              value to delete, and its get(F_CREATE) on task_map gets
+ *              -EDEADLK from rqspinlock, so bpf_local_storage_update() frees
+ *              the element it never published, in NMI. Checks: 64 runs, all
+ *              in NMI; no value created, 64 creates failed; the engine's
+ *              selem "queued" total up by at least 64 (the frees went through
+ *              the engine). Fails where that free is kfree_rcu(), not
+ *              NMI-safe (stock 7.3, BROKEN=nc): lockdep splat (IN-NMI usage
+ *              of krcp->lock, which fails the run) and the engine's count
+ *              unchanged (stock 7.3: no engine stats at all).
+ * perf_hw_nmi: the same as nmi_storm with hardware PMU NMIs, where there is
+ *              a PMU (not on QEMU TCG: skipped).
  *
  * Every value holds a lsdefer_obj kptr; when the maps are freed, every object
  * created must have been destroyed exactly once.
  *
- * The NMI programs only delete. Creating from NMI works in 7.3, but when the
- * NMI lands on a holder of the storage's lock (-EDEADLK) or loses a creation
- * race, bpf_local_storage_update() frees its new element with kfree_rcu(),
- * which is not NMI-safe (lockdep: IN-NMI usage of krcp->lock). Not what these
- * tests are about; the tp_btf program re-creates instead.
+ * The NMI programs delete and re-create, as real programs do. Creating from
+ * NMI works in 7.3, but when the NMI lands on a holder of the storage's lock
+ * (-EDEADLK) or loses a creation race, bpf_local_storage_update() frees its
+ * new element, and bpf_local_storage_alloc() its new storage, with
+ * kfree_rcu(), which is not NMI-safe (lockdep: IN-NMI usage of krcp->lock).
+ * With the engine, those frees go through it when in NMI.
  */
 #define _GNU_SOURCE
 #include <test_progs.h>
@@ -38,6 +54,7 @@
 
 #define CG_PATH			"/ls_defer_nmi"
 #define SELF_NMI_RUNS		64
+#define CREATE_ERROR_RUNS	64
 #define STORM_NMIS		10000
 #define STORM_GAP_US		20
 #define WORKERS_PER_CPU		2
@@ -232,6 +249,7 @@ static void test_nmi_storm(void)
 	t.skel->bss->sys_churn = true;
 	t.skel->data->sys_churn_loops = LS_SYS_CHURN_LOOPS;
 	t.skel->bss->irq_victim = true;
+	t.skel->bss->irq_recreate = true;
 	links[0] = bpf_program__attach(t.skel->progs.nmi_delete);
 	if (!ASSERT_OK_PTR(links[0], "attach fentry/bpf_lsdefer_nmi_target"))
 		goto out;
@@ -274,12 +292,91 @@ static void test_nmi_storm(void)
 	ASSERT_GT(st->cgrp_del[LS_RC_OK], 0, "NMI cgroup storage deletes returned 0");
 	check_no_refusal(st);
 	check_no_refusal(&t.skel->bss->sys_st);
+	/* each run re-creates the task and the cgroup value: one outcome each */
+	ASSERT_EQ(st->created + st->create_fail + st->obj_fail, 2 * st->runs,
+		  "NMI creates counted");
+	ASSERT_GT(st->created, 0, "NMI created values");
 	ASSERT_GT(t.skel->bss->sys_st.created, 0, "tp_btf created values");
 	ASSERT_EQ(lsdefer_cnt(LSDEFER_CNT_NMI_LOST), t.ck.s.v[LSDEFER_CNT_NMI_LOST],
 		  "every NMI arrived");
 out:
 	for (i = 0; i < ARRAY_SIZE(links); i++)
 		bpf_link__destroy(links[i]);
+	nmi_test_close(&t);
+}
+
+static void test_create_error(void)
+{
+	struct ls_defer_uval v = { .canary = LS_DEFER_CHURN };
+	struct ls_engine before, after;
+	struct bpf_link *link = NULL;
+	struct ls_defer_stats *st;
+	int victim_fd, pidfd = -1, err;
+	bool engine = false;
+	long long locked;
+	struct nmi_test t;
+	char cmd[16];
+
+	if (access(LSDEFER_NMI_LOCKED, W_OK)) {
+		printf("%s:SKIP: no %s (the NMI trigger is x86-only)\n", __func__,
+		       LSDEFER_NMI_LOCKED);
+		test__skip();
+		return;
+	}
+	if (!nmi_test_open(&t))
+		goto out;
+	st = &t.skel->bss->nmi_st;
+	/* delete task_map's value (there is none), then create it */
+	t.skel->bss->irq_recreate = true;
+	victim_fd = bpf_map__fd(t.skel->maps.victim_map);
+	pidfd = ls_self_pidfd();
+	if (!ASSERT_OK_FD(pidfd, "pidfd_open self"))
+		goto out;
+
+	/*
+	 * The thread's storage exists and is not empty, so a create locks it
+	 * (an empty one would take bpf_local_storage_alloc() instead); task_map
+	 * has no value, so the NMI program's get(F_CREATE) does create.
+	 */
+	err = bpf_map_update_elem(victim_fd, &pidfd, &v, BPF_NOEXIST);
+	if (!ASSERT_OK(err, "victim_map value created"))
+		goto out;
+	err = bpf_map_lookup_elem(t.task_fd, &pidfd, &v);
+	if (!ASSERT_EQ(err ? -errno : 0, -ENOENT, "no task_map value"))
+		goto out;
+	link = bpf_program__attach(t.skel->progs.nmi_delete);
+	if (!ASSERT_OK_PTR(link, "attach fentry/bpf_lsdefer_nmi_target"))
+		goto out;
+
+	/* stock 7.3 has no engine: this fails there, and so does the test */
+	engine = ASSERT_OK(ls_engine_read(&before), "engine stats");
+	locked = lsdefer_cnt(LSDEFER_CNT_NMI_LOCKED);
+	snprintf(cmd, sizeof(cmd), "%d", CREATE_ERROR_RUNS);
+	err = ls_write_str(LSDEFER_NMI_LOCKED, cmd);
+	if (!ASSERT_OK(err, "raise NMIs holding the storage's lock"))
+		goto out;
+
+	ls_print_stats("create_error", st);
+	ASSERT_EQ(lsdefer_cnt(LSDEFER_CNT_NMI_LOCKED) - locked, CREATE_ERROR_RUNS,
+		  "NMIs raised holding the storage's lock");
+	ASSERT_EQ(st->runs, CREATE_ERROR_RUNS, "NMI program runs");
+	ASSERT_EQ(st->in_nmi, CREATE_ERROR_RUNS, "runs in NMI (bpf_lsdefer_ctx)");
+	ASSERT_EQ(st->arg_nmi, CREATE_ERROR_RUNS, "runs in NMI (handler's in_nmi())");
+	ASSERT_EQ(st->task_del[LS_RC_ENOENT] + st->task_del[LS_RC_BUSY], CREATE_ERROR_RUNS,
+		  "task storage deletes: nothing deleted");
+	check_no_refusal(st);
+	ASSERT_EQ(st->created, 0, "no value created in NMI under the lock");
+	ASSERT_EQ(st->create_fail, CREATE_ERROR_RUNS, "NMI creates failed (-EDEADLK)");
+	err = bpf_map_lookup_elem(t.task_fd, &pidfd, &v);
+	ASSERT_EQ(err ? -errno : 0, -ENOENT, "still no task_map value");
+	ASSERT_OK(bpf_map_lookup_elem(victim_fd, &pidfd, &v), "victim_map value still there");
+	if (engine && ASSERT_OK(ls_engine_read(&after), "engine stats"))
+		ASSERT_GE(after.selem_queued - before.selem_queued, CREATE_ERROR_RUNS,
+			  "failed NMI creates freed through the engine");
+out:
+	bpf_link__destroy(link);
+	if (pidfd >= 0)
+		close(pidfd);
 	nmi_test_close(&t);
 }
 
@@ -375,6 +472,8 @@ void serial_test_ls_defer_nmi(void)
 		test_self_nmi();
 	if (test__start_subtest("nmi_storm"))
 		test_nmi_storm();
+	if (test__start_subtest("create_error"))
+		test_create_error();
 	if (test__start_subtest("perf_hw_nmi"))
 		test_perf_hw_nmi();
 out:

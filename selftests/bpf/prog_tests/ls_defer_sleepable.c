@@ -21,6 +21,30 @@
  *   value is finally freed, after the program returned;
  * - every object is destroyed exactly once (and no KASAN report: the harness
  *   checks dmesg).
+ *
+ * delete_storm_held: a batch of 10^5 objects is freed in bounded steps, not
+ * in one callback. Pinned to one CPU, with such a program asleep (holding the
+ * Tasks Trace grace period for 2 s at least), a SEC("syscall") program
+ * creates and deletes its task's storage element STORM_N times (bpf_loop), so
+ * STORM_N elements, and as many storages, pile up in that CPU's pending lists
+ * behind one grace period. The RCU callback runs with bottom halves disabled:
+ * freeing the whole batch there would keep them off for as long as 10^5
+ * frees take (stock 7.3 frees one object per callback). The checks, from the
+ * engine's stats file:
+ * - while the program sleeps, none of the deleted elements is freed (that
+ *   CPU's selem queued - freed >= the deletes);
+ * - once it wakes up, that CPU's selems and storages are all freed (queued ==
+ *   freed) within STORM_WAIT_MS, by the chain alone: the maps are still open,
+ *   nothing flushes;
+ * - no step freed more than FREE_CHUNK (64) objects (max_step of the total
+ *   lines), and the batch went on in the free work (that CPU's selem offloads
+ *   grew);
+ * - the deletes rode a few grace periods, not one each (that CPU's selem gps
+ *   grew by STORM_MAX_GPS at most).
+ * It prints the longest step (objects, ns) and how long after the wake-up
+ * everything was freed. An engine that frees whole batches in the callback
+ * (selftests/broken, BROKEN=kb) fails: max_step is the whole batch, offloads
+ * stay at 0.
  */
 #define _GNU_SOURCE
 #include <test_progs.h>
@@ -37,6 +61,16 @@
 #define MAX_CPUS		32
 /* how long the destructor must not run while the program sleeps */
 #define HOLD_MS			600
+
+/* delete_storm_held */
+#define STORM_CPU		0
+#define STORM_N			100000	/* create + delete pairs */
+#define STORM_RUNS		10	/* runs of STORM_N / STORM_RUNS: short syscalls */
+#define STORM_HOLD_MS		2000	/* the program sleeps this long at least */
+#define STORM_WAIT_MS		60000	/* for everything to be freed after */
+#define STORM_MAX_GPS		4
+/* rust/bpf/bpf_local_storage_defer.rs: most objects freed in one step */
+#define FREE_CHUNK		64
 
 struct reader {
 	struct ls_defer_sleepable *skel;
@@ -57,6 +91,103 @@ static void *reader_main(void *arg)
 	r->err = bpf_prog_test_run_opts(bpf_program__fd(prog), &opts);
 	r->retval = opts.retval;
 	return NULL;
+}
+
+/* A reader asleep in bpf_copy_from_user() on a userfaultfd page */
+struct hold {
+	struct reader r;
+	pthread_t thread;
+	void *fault_page;
+	void *src_page;
+	int uffd;
+	bool started;
+};
+
+static void hold_init(struct hold *h)
+{
+	memset(h, 0, sizeof(*h));
+	h->fault_page = MAP_FAILED;
+	h->src_page = MAP_FAILED;
+	h->uffd = -1;
+}
+
+/*
+ * Starts the reader (read_cgrp if cgrp, else read_task) and waits until it
+ * sleeps, value in hand. Whatever happens, hold_release() wakes it up.
+ */
+static bool hold_start(struct hold *h, struct ls_defer_sleepable *skel, bool cgrp)
+{
+	struct pollfd pfd = { .events = POLLIN };
+	long page_size = getpagesize();
+	struct uffd_msg msg;
+
+	h->r.skel = skel;
+	h->r.cgrp = cgrp;
+	h->fault_page = mmap(NULL, page_size, PROT_READ | PROT_WRITE,
+			     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!ASSERT_NEQ(h->fault_page, MAP_FAILED, "mmap fault_page"))
+		return false;
+	h->src_page = mmap(NULL, page_size, PROT_READ | PROT_WRITE,
+			   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (!ASSERT_NEQ(h->src_page, MAP_FAILED, "mmap src_page"))
+		return false;
+	skel->bss->fault_addr = h->fault_page;
+
+	h->uffd = uffd_block_page(h->fault_page);
+	if (!ASSERT_OK_FD(h->uffd, "userfaultfd open + register page"))
+		return false;
+	if (!ASSERT_OK(pthread_create(&h->thread, NULL, reader_main, &h->r),
+		       "pthread_create"))
+		return false;
+	h->started = true;
+
+	/* Wait for the program to sleep in bpf_copy_from_user(), value in hand */
+	pfd.fd = h->uffd;
+	return ASSERT_EQ(poll(&pfd, 1, 30000), 1, "poll uffd") &&
+	       ASSERT_EQ(read(h->uffd, &msg, sizeof(msg)), sizeof(msg), "read uffd") &&
+	       ASSERT_EQ(msg.event, UFFD_EVENT_PAGEFAULT, "uffd pagefault") &&
+	       ASSERT_EQ(skel->bss->stage, 1, "program holds the value") &&
+	       ASSERT_EQ(skel->bss->err, 0, "program error");
+}
+
+/*
+ * Wakes the program up (closing the userfaultfd wakes it too, should the
+ * copy fail) and joins its thread; true if it was started and joined.
+ * Idempotent.
+ */
+static bool hold_release(struct hold *h)
+{
+	struct uffdio_copy uffd_copy = {};
+	long page_size = getpagesize();
+	bool joined = false;
+
+	if (h->uffd >= 0) {
+		memset(h->src_page, 0, page_size);
+		uffd_copy.dst = (unsigned long)h->fault_page;
+		uffd_copy.src = (unsigned long)h->src_page;
+		uffd_copy.len = page_size;
+		ASSERT_OK(ioctl(h->uffd, UFFDIO_COPY, &uffd_copy), "uffd copy");
+		close(h->uffd);
+		h->uffd = -1;
+	}
+	if (h->started) {
+		joined = ASSERT_OK(pthread_join(h->thread, NULL), "pthread_join");
+		h->started = false;
+	}
+	return joined;
+}
+
+/* After hold_release(), once the program is no more */
+static void hold_unmap(struct hold *h)
+{
+	long page_size = getpagesize();
+
+	if (h->src_page != MAP_FAILED)
+		munmap(h->src_page, page_size);
+	if (h->fault_page != MAP_FAILED)
+		munmap(h->fault_page, page_size);
+	h->src_page = MAP_FAILED;
+	h->fault_page = MAP_FAILED;
 }
 
 struct churn {
@@ -152,54 +283,23 @@ static bool dtor_reaches(long long want, int ms)
 
 static void run_case(bool cgrp, int cgroup_fd, __u64 cgid)
 {
-	struct pollfd pfd = { .events = POLLIN };
-	struct reader r = { .cgrp = cgrp };
-	struct uffdio_copy uffd_copy = {};
-	void *fault_page = MAP_FAILED, *src_page = MAP_FAILED;
-	long page_size = getpagesize();
 	struct ls_defer_sleepable *skel = NULL;
 	struct ls_defer_uval v;
-	struct uffd_msg msg;
 	struct ls_leak_ck ck;
+	struct hold h;
 	long long dtor0;
-	int uffd = -1, pidfd = -1, map_fd, key, err, i;
-	bool started = false;
-	pthread_t thread;
+	int pidfd = -1, map_fd, key, err, i;
 
+	hold_init(&h);
 	if (!ls_leak_begin(&ck))
 		return;
 	dtor0 = ck.s.v[LSDEFER_CNT_DTOR];
-	fault_page = mmap(NULL, page_size, PROT_READ | PROT_WRITE,
-			  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (!ASSERT_NEQ(fault_page, MAP_FAILED, "mmap fault_page"))
-		goto out;
-	src_page = mmap(NULL, page_size, PROT_READ | PROT_WRITE,
-			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-	if (!ASSERT_NEQ(src_page, MAP_FAILED, "mmap src_page"))
-		goto out;
 
 	skel = ls_defer_sleepable__open_and_load();
 	if (!ASSERT_OK_PTR(skel, "ls_defer_sleepable__open_and_load"))
 		goto out;
-	skel->bss->fault_addr = fault_page;
 	skel->bss->cgid = cgid;
-	r.skel = skel;
-
-	uffd = uffd_block_page(fault_page);
-	if (!ASSERT_OK_FD(uffd, "userfaultfd open + register page"))
-		goto out;
-	if (!ASSERT_OK(pthread_create(&thread, NULL, reader_main, &r), "pthread_create"))
-		goto out;
-	started = true;
-
-	/* Wait for the program to sleep in bpf_copy_from_user(), value in hand */
-	pfd.fd = uffd;
-	if (!ASSERT_EQ(poll(&pfd, 1, 30000), 1, "poll uffd"))
-		goto out;
-	if (!ASSERT_EQ(read(uffd, &msg, sizeof(msg)), sizeof(msg), "read uffd") ||
-	    !ASSERT_EQ(msg.event, UFFD_EVENT_PAGEFAULT, "uffd pagefault") ||
-	    !ASSERT_EQ(skel->bss->stage, 1, "program holds the value") ||
-	    !ASSERT_EQ(skel->bss->err, 0, "program error"))
+	if (!hold_start(&h, skel, cgrp))
 		goto out;
 
 	if (cgrp) {
@@ -207,7 +307,7 @@ static void run_case(bool cgrp, int cgroup_fd, __u64 cgid)
 		key = cgroup_fd;
 	} else {
 		map_fd = bpf_map__fd(skel->maps.task_map);
-		pidfd = sys_pidfd_open(ls_load(&r.tid), PIDFD_THREAD);
+		pidfd = sys_pidfd_open(ls_load(&h.r.tid), PIDFD_THREAD);
 		if (!ASSERT_OK_FD(pidfd, "pidfd_open reader"))
 			goto out;
 		key = pidfd;
@@ -236,16 +336,8 @@ static void run_case(bool cgrp, int cgroup_fd, __u64 cgid)
 
 out:
 	/* Wake the program up */
-	if (uffd >= 0) {
-		memset(src_page, 0, page_size);
-		uffd_copy.dst = (unsigned long)fault_page;
-		uffd_copy.src = (unsigned long)src_page;
-		uffd_copy.len = page_size;
-		ASSERT_OK(ioctl(uffd, UFFDIO_COPY, &uffd_copy), "uffd copy");
-		close(uffd);
-	}
-	if (started && ASSERT_OK(pthread_join(thread, NULL), "pthread_join")) {
-		ASSERT_OK(r.err, "test_run");
+	if (hold_release(&h)) {
+		ASSERT_OK(h.r.err, "test_run");
 		ASSERT_EQ(skel->bss->stage, 2, "program woke up");
 		ASSERT_EQ(skel->bss->canary_after, LS_DEFER_CANARY,
 			  "canary intact after the sleep");
@@ -269,10 +361,186 @@ out:
 		ls_defer_sleepable__destroy(skel);
 		ls_leak_end(&ck);
 	}
-	if (src_page != MAP_FAILED)
-		munmap(src_page, page_size);
-	if (fault_page != MAP_FAILED)
-		munmap(fault_page, page_size);
+	hold_unmap(&h);
+}
+
+/* One line of the engine's stats file (its 9 counters) */
+struct storm_line {
+	long long queued, batches, gps, freed, flushed, max_pending;
+	long long offloads, max_step, max_step_ns;
+};
+
+/* The lines storm looks at: cpu's and the totals, of both engines */
+struct storm_stats {
+	struct storm_line selem, selem_total;
+	struct storm_line storage, storage_total;
+};
+
+/*
+ * Parses LS_ENGINE_STATS: a header, then "<engine> <cpu|total>" and 9
+ * counters per line (rust/bpf/bpf_local_storage_defer.rs, StatsFile).
+ */
+static int storm_read(int cpu, struct storm_stats *s)
+{
+	char line[256], engine[32], which[32], want[16];
+	struct storm_line l, *dst;
+	bool selem;
+	int n = 0;
+	FILE *f;
+
+	memset(s, 0, sizeof(*s));
+	snprintf(want, sizeof(want), "%d", cpu);
+	f = fopen(LS_ENGINE_STATS, "r");
+	if (!f)
+		return -errno;
+	while (fgets(line, sizeof(line), f)) {
+		/* the header does not scan */
+		if (sscanf(line, "%31s %31s %lld %lld %lld %lld %lld %lld %lld %lld %lld",
+			   engine, which, &l.queued, &l.batches, &l.gps, &l.freed,
+			   &l.flushed, &l.max_pending, &l.offloads, &l.max_step,
+			   &l.max_step_ns) != 11)
+			continue;
+		if (strcmp(engine, "selem") && strcmp(engine, "storage"))
+			continue;
+		selem = !strcmp(engine, "selem");
+		if (!strcmp(which, want))
+			dst = selem ? &s->selem : &s->storage;
+		else if (!strcmp(which, "total"))
+			dst = selem ? &s->selem_total : &s->storage_total;
+		else
+			continue;
+		*dst = l;
+		n++;
+	}
+	fclose(f);
+	return n == 4 ? 0 : -EINVAL;
+}
+
+static void storm_print_line(const char *when, const char *engine,
+			     const struct storm_line *l)
+{
+	printf("storm %s: CPU %d %s queued %lld freed %lld gps %lld offloads %lld\n",
+	       when, STORM_CPU, engine, l->queued, l->freed, l->gps, l->offloads);
+	printf("storm %s: CPU %d %s batches %lld flushed %lld max_pending %lld\n",
+	       when, STORM_CPU, engine, l->batches, l->flushed, l->max_pending);
+}
+
+static void storm_print(const char *when, const struct storm_stats *s)
+{
+	storm_print_line(when, "selem", &s->selem);
+	storm_print_line(when, "storage", &s->storage);
+}
+
+/* delete_storm_held: see the top of the file */
+static void run_storm(void)
+{
+	struct ls_defer_sleepable *skel = NULL;
+	__u64 t_held, t_start, t_release, t_selem = 0, t_storage = 0, now, deadline;
+	struct storm_stats s0, s;
+	struct ls_leak_ck ck;
+	struct hold h;
+	bool pinned = false;
+	long long waiting;
+	int i, err;
+
+	hold_init(&h);
+	if (access(LS_ENGINE_STATS, R_OK)) {
+		printf("%s:SKIP: no engine stats (%s)\n", __func__, LS_ENGINE_STATS);
+		test__skip();
+		return;
+	}
+	if (!ls_leak_begin(&ck))
+		return;
+	skel = ls_defer_sleepable__open_and_load();
+	if (!ASSERT_OK_PTR(skel, "ls_defer_sleepable__open_and_load"))
+		goto out;
+	/* Every delete on one CPU's lists; the reader inherits it, and sleeps */
+	if (!ASSERT_OK(ls_pin_cpu(STORM_CPU), "pin to the storm CPU"))
+		goto out;
+	pinned = true;
+	if (!hold_start(&h, skel, false))
+		goto out;
+	t_held = get_time_ns();
+	if (!ASSERT_OK(storm_read(STORM_CPU, &s0), "engine stats before"))
+		goto out;
+	storm_print("before", &s0);
+
+	skel->bss->storm_loops = STORM_N / STORM_RUNS;
+	t_start = get_time_ns();
+	for (i = 0; i < STORM_RUNS; i++) {
+		LIBBPF_OPTS(bpf_test_run_opts, opts);
+
+		err = bpf_prog_test_run_opts(bpf_program__fd(skel->progs.storm), &opts);
+		if (!ASSERT_OK(err, "storm test_run") ||
+		    !ASSERT_EQ(opts.retval, STORM_N / STORM_RUNS, "storm bpf_loop iterations"))
+			goto out;
+	}
+	now = get_time_ns();
+	printf("storm: %llu deletes in %llu ms (create_fail %llu delete_fail %llu, error %lld)\n",
+	       (unsigned long long)skel->bss->storm_deleted,
+	       (unsigned long long)(now - t_start) / 1000000,
+	       (unsigned long long)skel->bss->storm_create_fail,
+	       (unsigned long long)skel->bss->storm_delete_fail,
+	       (long long)skel->bss->storm_delete_err);
+	if (!ASSERT_EQ(skel->bss->storm_deleted, STORM_N, "deletes"))
+		goto out;
+
+	/* Hold the grace period STORM_HOLD_MS at least */
+	if (now < t_held + STORM_HOLD_MS * 1000000ULL)
+		usleep((t_held + STORM_HOLD_MS * 1000000ULL - now) / 1000);
+	if (!ASSERT_OK(storm_read(STORM_CPU, &s), "engine stats while held"))
+		goto out;
+	storm_print("held", &s);
+	/* No grace period that started after the reader went to sleep ended */
+	waiting = s.selem.queued - s.selem.freed;
+	ASSERT_GE(waiting, (long long)skel->bss->storm_deleted,
+		  "deleted selems wait while the reader holds the grace period");
+
+	/* Nothing flushes (the maps are open): the chain alone frees it all */
+	t_release = get_time_ns();
+	if (hold_release(&h))
+		ASSERT_OK(h.r.err, "reader test_run");
+	deadline = t_release + STORM_WAIT_MS * 1000000ULL;
+	for (;;) {
+		if (!ASSERT_OK(storm_read(STORM_CPU, &s), "engine stats after"))
+			goto out;
+		now = get_time_ns();
+		if (!t_selem && s.selem.queued == s.selem.freed)
+			t_selem = now;
+		if (!t_storage && s.storage.queued == s.storage.freed)
+			t_storage = now;
+		if ((t_selem && t_storage) || now > deadline)
+			break;
+		usleep(10000);
+	}
+	storm_print("after", &s);
+	printf("storm: longest step: selem %lld objects %lld ns, storage %lld objects %lld ns\n",
+	       s.selem_total.max_step, s.selem_total.max_step_ns,
+	       s.storage_total.max_step, s.storage_total.max_step_ns);
+	if (t_selem)
+		printf("storm: selems freed %llu ms after the release\n",
+		       (unsigned long long)(t_selem - t_release) / 1000000);
+	if (t_storage)
+		printf("storm: storages freed %llu ms after the release\n",
+		       (unsigned long long)(t_storage - t_release) / 1000000);
+	ASSERT_TRUE(t_selem, "CPU's selems all freed (queued == freed) 60 s after release");
+	ASSERT_TRUE(t_storage, "CPU's storages all freed (queued == freed) 60 s after release");
+	ASSERT_LE(s.selem_total.max_step, FREE_CHUNK, "selem max_step <= FREE_CHUNK");
+	ASSERT_LE(s.storage_total.max_step, FREE_CHUNK, "storage max_step <= FREE_CHUNK");
+	ASSERT_GE(s.selem.offloads - s0.selem.offloads, 1,
+		  "the large selem batch went on in the free work (offloads)");
+	ASSERT_LE(s.selem.gps - s0.selem.gps, STORM_MAX_GPS,
+		  "the deletes rode a few grace periods (gps)");
+
+out:
+	hold_release(&h);
+	if (pinned)
+		ASSERT_OK(ls_unpin(), "unpin");
+	if (skel) {
+		ls_defer_sleepable__destroy(skel);
+		ls_leak_end(&ck);
+	}
+	hold_unmap(&h);
 }
 
 void serial_test_ls_defer_sleepable(void)
@@ -292,5 +560,7 @@ void serial_test_ls_defer_sleepable(void)
 		if (test__start_subtest("cgrp"))
 			run_case(true, cgroup_fd, cgid);
 	}
+	if (test__start_subtest("delete_storm_held"))
+		run_storm();
 	close(cgroup_fd);
 }

@@ -46,7 +46,11 @@ struct {
 int target_tgid;
 /* The interrupt programs also delete the cgroup storage of current. */
 bool irq_cgrp;
-/* The interrupt programs re-create what they deleted. */
+/*
+ * The interrupt programs re-create what they deleted (get(F_CREATE), counted
+ * by ls_fill(): created or create_fail). From NMI a create that fails, e.g.
+ * with -EDEADLK on a holder of the storage's lock, frees its new element there.
+ */
 bool irq_recreate;
 /* The interrupt programs delete victim_map's value first. */
 bool irq_victim;

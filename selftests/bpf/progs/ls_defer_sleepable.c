@@ -2,7 +2,9 @@
 /*
  * A sleepable program holds a local storage value across a sleep while user
  * space deletes the element: the value, and the object its kptr holds, must
- * stay until the program is done. Used by prog_tests/ls_defer_sleepable.c.
+ * stay until the program is done. And storm: many deletes on one CPU while
+ * such a program holds the grace period. Used by
+ * prog_tests/ls_defer_sleepable.c.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -46,6 +48,14 @@ CHURN_MAP(5);
 CHURN_MAP(6);
 CHURN_MAP(7);
 
+/* storm's: one element at a time, created and deleted; no special fields */
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} storm_map SEC(".maps");
+
 /* blocks bpf_copy_from_user() for as long as user space wants */
 void *fault_addr;
 u64 cgid;
@@ -59,6 +69,12 @@ int old_missing;	/* ... none: its fields were freed under us */
 int new_obj_fail;
 u64 dtor_at_resume;	/* destructor count when the program woke up */
 u64 seq_resume;		/* event clock when the program woke up */
+
+u32 storm_loops;	/* set by user space: create + delete pairs per run */
+u64 storm_deleted;	/* deletes that returned 0 */
+u64 storm_create_fail;	/* storage_get(F_CREATE) returned NULL */
+u64 storm_delete_fail;
+s64 storm_delete_err;	/* the last delete error */
 
 static __always_inline int hold_and_sleep(struct ls_defer_val *v)
 {
@@ -128,4 +144,36 @@ int read_cgrp(void *ctx)
 						  BPF_LOCAL_STORAGE_GET_F_CREATE));
 	bpf_cgroup_release(cgrp);
 	return 0;
+}
+
+/* One element of the current task's storage: created, then deleted */
+static int storm_one(u32 i, void *ctx)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u64 *v;
+	long rc;
+
+	v = bpf_task_storage_get(&storm_map, task, 0,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!v) {
+		storm_create_fail++;
+		return 0;
+	}
+	*v = i;
+	/* the task's only element: its storage goes with it */
+	rc = bpf_task_storage_delete(&storm_map, task);
+	if (rc) {
+		storm_delete_fail++;
+		storm_delete_err = rc;
+		return 0;
+	}
+	storm_deleted++;
+	return 0;
+}
+
+/* storm_loops create + delete pairs, all on the CPU the caller runs on */
+SEC("syscall")
+int storm(void *ctx)
+{
+	return bpf_loop(storm_loops, storm_one, NULL, 0);
 }
