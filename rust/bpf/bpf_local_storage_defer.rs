@@ -1180,6 +1180,17 @@ mod tests {
         freed: Atomic<usize>,
         /// Frees of an object that was not alive: double frees.
         bad: Atomic<usize>,
+        /// Frees from a context that could migrate to another CPU (preemptible, migration
+        /// enabled): [`DeferFree::free`] promises more, for `this_cpu_ptr()` users.
+        migratable: Atomic<usize>,
+    }
+
+    /// Whether the current context may be moved to another CPU.
+    fn migratable() -> bool {
+        // SAFETY: `preemptible()` only reads the preemption count and the interrupt state.
+        let preemptible = unsafe { bindings::preemptible() };
+        // SAFETY: `current` is a valid task while it runs; it reads its own field.
+        preemptible && unsafe { (*kernel::task::Task::current_raw()).migration_disabled } == 0
     }
 
     struct TestObj {
@@ -1209,6 +1220,9 @@ mod tests {
             if obj.state.xchg(POISON, Relaxed) != ALIVE {
                 counters.bad.fetch_add(1, Relaxed);
             }
+            if migratable() {
+                counters.migratable.fetch_add(1, Relaxed);
+            }
             obj.frees.fetch_add(1, Relaxed);
             counters.freed.fetch_add(1, Release);
         }
@@ -1227,6 +1241,7 @@ mod tests {
                 Counters {
                     freed: Atomic::new(0),
                     bad: Atomic::new(0),
+                    migratable: Atomic::new(0),
                 },
                 GFP_KERNEL,
             )?;
@@ -1264,6 +1279,11 @@ mod tests {
 
         fn bad(&self) -> usize {
             self.counters.bad.load(Relaxed)
+        }
+
+        /// Objects freed from a context that could migrate (see [`Counters::migratable`]).
+        fn migratable(&self) -> usize {
+            self.counters.migratable.load(Relaxed)
         }
 
         /// Whether every object in `range` was freed exactly once and is poisoned.
@@ -1686,6 +1706,7 @@ mod tests {
         assert_eq!(freed, produced);
         assert!(stress.pool.freed_once(0..N));
         assert_eq!(stress.pool.bad(), 0);
+        assert_eq!(stress.pool.migratable(), 0);
         assert_eq!(total.queued, produced);
         assert_eq!(total.freed, produced);
         assert!(stress.task.load(Relaxed) > 0);
@@ -2075,6 +2096,86 @@ mod tests {
         Ok(())
     }
 
+    // --- c1. A flush waits for readers too ------------------------------------------------------
+
+    /// Shared by [`flush_waits_for_readers`] and its sleeping reader.
+    struct FlushReader {
+        pool: Pool,
+        /// Set by the reader once inside its read-side critical section.
+        reading: Atomic<bool>,
+        /// Set by the test right before it calls `flush()`.
+        flushing: Atomic<bool>,
+        /// Whether the reader saw the test flushing before it looked at the object.
+        saw_flushing: Atomic<bool>,
+        /// Whether the object was still alive when the reader looked, before leaving.
+        intact: Atomic<bool>,
+        /// Set by the reader as its last access.
+        done: Atomic<bool>,
+    }
+
+    /// Guards: a flush frees what it took from the lists only after a grace period that
+    /// started after the take. A reader that found the second object before it was queued
+    /// sleeps in its read-side critical section while the test flushes; the first object holds
+    /// the CPU's chain, so the flush takes the second one from the list itself. One that frees
+    /// at once (`BROKEN=m08`) frees it under the sleeping reader (`intact` fails).
+    #[test]
+    fn flush_waits_for_readers() -> Result {
+        let h = Arc::new(
+            FlushReader {
+                pool: Pool::new(2)?,
+                reading: Atomic::new(false),
+                flushing: Atomic::new(false),
+                saw_flushing: Atomic::new(false),
+                intact: Atomic::new(false),
+                done: Atomic::new(false),
+            },
+            GFP_KERNEL,
+        )?;
+        let engine = new_engine()?;
+        let r = h.clone();
+        workqueue::system_unbound().try_spawn(GFP_KERNEL, move || {
+            let guard = rcu_tasks_trace::read_lock();
+            r.reading.store(true, Release);
+            let saw = wait_until(|| r.flushing.load(Acquire), 5_000);
+            // Let the flush take the object and, if it does not wait, free it.
+            fsleep(Delta::from_millis(200));
+            r.saw_flushing.store(saw, Relaxed);
+            let alive = r
+                .pool
+                .objs
+                .get(1)
+                .is_some_and(|o| o.state.load(Relaxed) == ALIVE);
+            r.intact.store(alive, Relaxed);
+            drop(guard);
+            r.done.store(true, Release);
+        })?;
+        let reading = wait_until(|| h.reading.load(Acquire), 5_000);
+
+        let pin = MigrateDisabled::new();
+        let cpu = CpuId::current();
+        queue(&engine, h.pool.obj(0).ok_or(EINVAL)?);
+        let first_gp = wait_until(|| engine.stats(cpu).unwrap_or_default().gps == 1, 5_000);
+        queue(&engine, h.pool.obj(1).ok_or(EINVAL)?);
+        drop(pin);
+        h.flushing.store(true, Release);
+        engine.flush();
+        let freed = h.pool.freed();
+        let done = wait_until(|| h.done.load(Acquire), 10_000);
+        let flushed = engine.total_stats().flushed;
+        drop(engine);
+
+        assert!(reading);
+        assert!(first_gp);
+        assert!(done);
+        assert!(h.saw_flushing.load(Relaxed));
+        assert_eq!(flushed, 1);
+        assert!(h.intact.load(Relaxed));
+        assert_eq!(freed, 2);
+        assert!(h.pool.freed_once(0..2));
+        assert_eq!(h.pool.bad(), 0);
+        Ok(())
+    }
+
     // --- c2. A large batch is freed in bounded steps -------------------------------------------
 
     /// Objects queued on one CPU while [`bounded_steps_after_held_grace_period`] holds the grace
@@ -2091,7 +2192,8 @@ mod tests {
     /// at most [`FREE_CHUNK`] objects, continued in the free work (`max_step` and `offloads`
     /// fail for an engine that frees a whole batch in its RCU callback, with bottom halves
     /// disabled: `BROKEN=kb`), by the chain alone (no flush), and in a few grace periods
-    /// (`gps`: batching). Prints the longest step, in objects and nanoseconds.
+    /// (`gps`: batching), with migration disabled (`migratable`: `BROKEN=m13`). Prints the
+    /// longest step, in objects and nanoseconds.
     #[test]
     fn bounded_steps_after_held_grace_period() -> Result {
         let pool = Pool::new(BIG_BATCH)?;
@@ -2134,6 +2236,7 @@ mod tests {
         assert!(pool.freed_once(0..BIG_BATCH));
         assert_eq!(pool.bad(), 0);
         assert_eq!(s.flushed, 0);
+        assert_eq!(pool.migratable(), 0);
         assert!(s.max_step <= STEP_BOUND);
         assert!(s.offloads >= 1);
         assert!(s.gps <= 3);
@@ -2166,9 +2269,9 @@ mod tests {
     }
 
     /// Guards: a flush that skips offline CPUs leaves the stranded objects (`flushed_all`
-    /// fails), so does one that does not wait for the batches owners had taken; without the
-    /// hotplug kick the last objects are never freed (`kicked` fails). No `BROKEN=` variant
-    /// targets these yet.
+    /// fails: `BROKEN=m11`), so does one that does not wait for the batches owners had taken;
+    /// without the hotplug kick the last objects are never freed (`kicked` fails). The flush
+    /// frees with migration disabled (`migratable`: `BROKEN=m14`).
     #[test]
     fn flush_and_cpu_hotplug() -> Result {
         #[cfg(not(CONFIG_HOTPLUG_CPU))]
@@ -2260,8 +2363,106 @@ mod tests {
         assert!(flushed_all);
         assert!(kicked);
         assert!(back);
+        assert_eq!(pool.migratable(), 0);
         assert!(pool.freed_once(0..3 * K));
         assert_eq!(pool.bad(), 0);
+        Ok(())
+    }
+
+    /// A zeroed element, as one unlinked from a map that is gone (`smap` is NULL), so that
+    /// `Selem::free` only `kfree()`s it; ownership passes to the caller.
+    #[cfg(CONFIG_HOTPLUG_CPU)]
+    fn fake_selem() -> Result<NonNull<Selem>> {
+        use kernel::alloc::{
+            allocator::Kmalloc,
+            flags,
+            Allocator,
+            NumaNode, //
+        };
+        let layout = core::alloc::Layout::new::<bindings::bpf_local_storage_elem>();
+        let mem = Kmalloc::alloc(layout, GFP_KERNEL | flags::__GFP_ZERO, NumaNode::NO_NODE)?;
+        // A zeroed element: `smap` is NULL, the node is free; `kfree()` takes it back.
+        Ok(mem.cast())
+    }
+
+    /// Queues `n` fake elements on `cpu`'s list of the real element engine, with no irq_work.
+    #[cfg(CONFIG_HOTPLUG_CPU)]
+    fn leave_selems(engine: &Engine<Selem>, cpu: CpuId, n: usize) -> Result {
+        for _ in 0..n {
+            let selem = fake_selem()?;
+            // SAFETY: A fresh element that nobody else can see, whose node is on no list.
+            unsafe { engine.queue_offline(cpu, selem) };
+        }
+        Ok(())
+    }
+
+    /// Guards: the CPU hotplug callbacks registered by the engine's init. Objects left on the
+    /// list of a CPU that goes down, with no irq_work queued for them (an NMI producer in the
+    /// dying CPU's last moments), must be freed while it is down, by the "dead" callback's kick
+    /// (`dead_kicked` fails if it does nothing: `BROKEN=m15`); objects left while it was down
+    /// must be freed once it is back, by the "online" callback's kick (`online_kicked`,
+    /// `BROKEN=m16`). Drives the real element engine with zeroed elements that no map owns.
+    #[test]
+    fn cpuhp_callbacks_kick_leftovers() -> Result {
+        #[cfg(not(CONFIG_HOTPLUG_CPU))]
+        {
+            skip(c"needs CONFIG_HOTPLUG_CPU");
+            Ok(())
+        }
+        #[cfg(CONFIG_HOTPLUG_CPU)]
+        {
+            cpuhp_body()
+        }
+    }
+
+    #[cfg(CONFIG_HOTPLUG_CPU)]
+    fn cpuhp_body() -> Result {
+        const K: usize = 16;
+        let Some(engine) = SELEMS.as_ref() else {
+            skip(c"the element engine is not initialised");
+            return Ok(());
+        };
+        let Some(target) = percpu::possible_cpus()
+            .filter(|c| c.as_u32() != 0 && percpu::cpu_online(*c))
+            .last()
+        else {
+            skip(c"needs a second online CPU");
+            return Ok(());
+        };
+        let freed = |base: usize| {
+            engine
+                .stats(target)
+                .map_or(0, |s| s.freed.wrapping_sub(base))
+        };
+        let base = engine.stats(target).map_or(0, |s| s.freed);
+
+        // Left on the list of a CPU that then goes down.
+        leave_selems(engine, target, K)?;
+        // SAFETY: FFI call; the CPU is brought back below.
+        if unsafe { bindings::remove_cpu(target.as_u32()) } != 0 {
+            engine.kick_cpu(target);
+            skip(c"remove_cpu() failed");
+            return Ok(());
+        }
+        let dead_kicked = wait_until(|| freed(base) >= K, 5_000);
+
+        // Left while it is down: nobody kicks it until it is back.
+        leave_selems(engine, target, K)?;
+        fsleep(Delta::from_millis(200));
+        let stayed = freed(base) == K || !dead_kicked;
+        // SAFETY: FFI call; brings back the CPU taken down above.
+        let back = unsafe { bindings::add_cpu(target.as_u32()) } == 0;
+        let online_kicked = wait_until(|| freed(base) >= 2 * K, 5_000);
+        if !online_kicked {
+            // Do not leave them behind for the selftests' counts.
+            engine.kick_cpu(target);
+            wait_until(|| freed(base) >= 2 * K, 5_000);
+        }
+
+        assert!(back);
+        assert!(dead_kicked);
+        assert!(stayed);
+        assert!(online_kicked);
         Ok(())
     }
 

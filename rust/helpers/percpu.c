@@ -49,3 +49,8 @@ __rust_helper void rust_helper_preempt_enable(void)
 {
 	preempt_enable();
 }
+
+__rust_helper bool rust_helper_preemptible(void)
+{
+	return preemptible();
+}
