@@ -44,7 +44,7 @@ while kill -0 "$pid" 2>/dev/null; do
 	n=$(grep -cE '^  [A-Z]' "$log" || true)
 	step=$(grep -E '^  [A-Z]' "$log" | tail -1 | sed 's/^ *//;s/  */ /g' || true)
 	printf '    [%4ds] %s steps%s, last: %s\n' $(($(date +%s) - start)) "$n" \
-		"${steps_total:+ of ~$steps_total in the last full build}" "${step:-none yet}"
+		"${steps_total:+ (largest build here: $steps_total)}" "${step:-none yet}"
 done
 rc=0
 wait "$pid" || rc=$?

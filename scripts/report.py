@@ -8,7 +8,8 @@ Reads, from OUT:
   test_progs.json  test_progs -J output (counts, failed tests), if they ran
   test_progs.log   its output, for the per-test result lines
   test_maps.rc/.log test_maps' exit code and output, if it ran (guest.env)
-  console.log      used for the splat scan when dmesg.txt is missing
+  console.log      the guest script's output and the kernel's console; used for
+                   the splat scan and KUnit when dmesg.txt is missing
 Writes OUT/kunit.json (kunit.py's JSON) and OUT/results.json (every test
 with its status, plus every splat), prints the summary and ends with the line
 "N passed, N failed, N skipped".
@@ -188,6 +189,9 @@ def main():
         rows += kunit_results(args.tree, dmesg, args.out)
     else:
         rows.append(("guest", "kernel log saved", "FAIL"))
+        # A guest that hung saved no dmesg: its console has the kernel's log.
+        if os.path.exists(log):
+            rows += kunit_results(args.tree, log, args.out)
     ran = {r[0].split(".")[0] for r in rows}
     for suite in args.expect:
         if suite not in ran:

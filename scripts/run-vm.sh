@@ -83,7 +83,10 @@ if [ "${SELFTESTS:-1}" != 0 ] && [ -x "$st/test_progs" ]; then
 elif [ "${SELFTESTS:-1}" != 0 ]; then
 	info "selftests not built ($st/test_progs missing): KUnit only"
 fi
-cmdline="log_buf_len=16M loglevel=4"
+# The kernel's console goes to vng's stderr (--verbose), into console.log with
+# the guest script's output: a guest that hangs leaves its boot log, KUnit's
+# KTAP and any hung-task, soft-lockup or RCU stall report there.
+cmdline="log_buf_len=16M"
 # KASAN on x86_64 with 5-level paging (QEMU's TCG CPU has LA57): while
 # identify_cpu() re-reads the boot CPU's capabilities, with interrupts on, the
 # LA57 bit is clear, pgtable_l5_enabled() says no, KASAN's shadow start moves
@@ -93,7 +96,7 @@ if [ "$SANITIZE" = kasan ] && [ "$ARCH" = x86_64 ]; then
 	info "KASAN: booting with no5lvl (7.3's early-boot LA57 false report)"
 	cmdline+=" no5lvl"
 fi
-vngargs=(--run "$image" --cpus "${VM_CPUS:-2}" --memory "${VM_MEM:-2G}"
+vngargs=(--run "$image" --verbose --cpus "${VM_CPUS:-2}" --memory "${VM_MEM:-2G}"
 	--rwdir "$out" --cwd "$REPO"
 	--append "$cmdline")
 [ "$accel" = tcg ] && vngargs+=(--disable-kvm)
@@ -109,10 +112,17 @@ rc=${PIPESTATUS[0]}
 took=$(($(date +%s) - start))
 echo "$took" >"$out/boot-secs"
 echo "$accel" >"$out/accel"
+# A guest that did not finish: its last kernel lines say where it stood.
+last_kernel_lines() {
+	echo "last kernel lines of $out/console.log:" >&2
+	grep -E '^\[ *[0-9]+\.[0-9]+\]' "$out/console.log" | tail -n 25 | sed 's/^/    /' >&2 || true
+}
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+	last_kernel_lines
 	die "guest timed out after ${took}s (console log: $out/console.log)"
 fi
 if [ ! -f "$out/guest-done" ]; then
+	last_kernel_lines
 	die "guest did not finish its script (exit $rc after ${took}s; panic or crash?): see $out/console.log"
 fi
 info "guest finished in ${took}s"

@@ -26,7 +26,8 @@ VARIANTS = {
     "3": ("no flush at map free",
           ("ls_defer_map_free",)),
 }
-TESTS = ("ls_defer_nmi", "ls_defer_hardirq", "ls_defer_sleepable", "ls_defer_map_free")
+TESTS = ("ls_defer_nmi", "ls_defer_hardirq", "ls_defer_sleepable", "ls_defer_map_free",
+         "ls_defer_hotplug")
 
 
 def load(outdir):

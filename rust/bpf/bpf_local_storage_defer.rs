@@ -1365,7 +1365,12 @@ mod tests {
         pool: Pool,
         engine: Pin<KBox<Engine<TestObj>>>,
         task: Atomic<usize>,
+        /// Task context with bottom halves disabled.
+        bh_off: Atomic<usize>,
+        /// Softirq context: work items of the BH workqueue.
         softirq: Atomic<usize>,
+        /// Work items on the BH workqueue that have not finished yet.
+        bh_in_flight: Atomic<usize>,
         hardirq: Atomic<usize>,
         nmi: Atomic<usize>,
         /// NMIs sent and not yet taken by the handler.
@@ -1398,7 +1403,9 @@ mod tests {
                     pool: Pool::new(n)?,
                     engine: new_engine()?,
                     task: Atomic::new(0),
+                    bh_off: Atomic::new(0),
                     softirq: Atomic::new(0),
+                    bh_in_flight: Atomic::new(0),
                     hardirq: Atomic::new(0),
                     nmi: Atomic::new(0),
                     #[cfg(CONFIG_X86_LOCAL_APIC)]
@@ -1487,15 +1494,61 @@ mod tests {
             }
         }
 
-        /// Task context, then a bottom-halves-disabled section (softirq context).
+        /// Task context, then a bottom-halves-disabled section.
         fn produce_task_and_bh(&self, n: usize) -> usize {
             let a = self.produce(n, &self.task);
             // SAFETY: Task context; enabled again right below.
             unsafe { bindings::local_bh_disable() };
-            let b = self.produce(n, &self.softirq);
+            let b = self.produce(n, &self.bh_off);
             // SAFETY: Pairs with the `local_bh_disable()` above.
             unsafe { bindings::local_bh_enable() };
             a + b
+        }
+    }
+
+    /// A work item of the BH workqueue, so run in softirq context, that produces into a
+    /// [`Stress`]. Its own type, so its own lockdep class: `Queue::try_spawn`'s work items
+    /// share one, and one run from a softirq and one from a task look like a lock taken with
+    /// and without bottom halves disabled.
+    #[pin_data]
+    struct BhProducer {
+        #[pin]
+        work: workqueue::Work<BhProducer>,
+        /// Not a reference: dropping the last one in a softirq would drop the engine there.
+        stress: *const Stress,
+    }
+
+    // SAFETY: `Stress` is `Sync`, and the spawner keeps it alive while the work item may run.
+    unsafe impl Send for BhProducer {}
+
+    impl_has_work! {
+        impl HasWork<Self> for BhProducer { self.work }
+    }
+
+    impl workqueue::WorkItem for BhProducer {
+        type Pointer = Pin<KBox<BhProducer>>;
+
+        fn run(this: Pin<KBox<BhProducer>>) {
+            // SAFETY: The test keeps the `Stress` alive until `bh_in_flight` is back to zero,
+            // which this work item does last.
+            let s = unsafe { &*this.stress };
+            s.produce(16, &s.softirq);
+            s.bh_in_flight.fetch_sub(1, Release);
+        }
+    }
+
+    impl BhProducer {
+        /// Queues one on the BH workqueue; the caller counted it in `bh_in_flight`.
+        fn spawn(stress: &Arc<Stress>) -> Result {
+            let w = KBox::pin_init(
+                pin_init!(BhProducer {
+                    work <- workqueue::new_work!("BhProducer"),
+                    stress: Arc::as_ptr(stress),
+                }),
+                GFP_KERNEL,
+            )?;
+            workqueue::system_bh().enqueue(w);
+            Ok(())
         }
     }
 
@@ -1677,6 +1730,11 @@ mod tests {
             };
             #[cfg(CONFIG_X86_LOCAL_APIC)]
             nmi::send_all(&stress)?;
+            // Softirq context: a work item of the BH workqueue runs from a softirq.
+            stress.bh_in_flight.fetch_add(1, Relaxed);
+            if BhProducer::spawn(&stress).is_err() {
+                stress.bh_in_flight.fetch_sub(1, Relaxed);
+            }
             n += stress.produce_task_and_bh(16);
             if n == 0 && stress.pool.cursor.load(Relaxed) >= N {
                 break;
@@ -1685,6 +1743,11 @@ mod tests {
         }
 
         let worker_done = wait_until(|| stress.worker_done.load(Acquire), 30_000);
+        let bh_done = wait_until(|| stress.bh_in_flight.load(Acquire) == 0, 30_000);
+        if !bh_done {
+            // Never free what a stuck work item may still use.
+            core::mem::forget(stress.clone());
+        }
         #[cfg(CONFIG_X86_LOCAL_APIC)]
         {
             // NMIs can merge; do not wait for ever for the last ones.
@@ -1693,6 +1756,7 @@ mod tests {
         }
 
         let produced = stress.task.load(Relaxed)
+            + stress.bh_off.load(Relaxed)
             + stress.softirq.load(Relaxed)
             + stress.hardirq.load(Relaxed)
             + stress.nmi.load(Relaxed);
@@ -1702,6 +1766,7 @@ mod tests {
         let total = stress.engine.total_stats();
 
         assert!(worker_done);
+        assert!(bh_done);
         assert_eq!(produced, N);
         assert_eq!(freed, produced);
         assert!(stress.pool.freed_once(0..N));
@@ -1710,6 +1775,7 @@ mod tests {
         assert_eq!(total.queued, produced);
         assert_eq!(total.freed, produced);
         assert!(stress.task.load(Relaxed) > 0);
+        assert!(stress.bh_off.load(Relaxed) > 0);
         assert!(stress.softirq.load(Relaxed) > 0);
         assert!(stress.hardirq.load(Relaxed) > 0);
         #[cfg(CONFIG_X86_LOCAL_APIC)]
@@ -1931,7 +1997,7 @@ mod tests {
         let claimed = stress.pool.cursor.load(Relaxed).min(NEST_OBJS);
         let (task, hardirq) = (stress.task.load(Relaxed), stress.hardirq.load(Relaxed));
         let (softirq, nmi) = (stress.softirq.load(Relaxed), stress.nmi.load(Relaxed));
-        let produced = task + softirq + hardirq + nmi;
+        let produced = task + stress.bh_off.load(Relaxed) + softirq + hardirq + nmi;
         // No producer any more, no flush yet: what the chain does not free within the bound
         // (a re-check or re-arm that missed items) is stranded.
         wait_until(|| stress.pool.freed() >= produced, NEST_SETTLE_MS);

@@ -279,6 +279,23 @@ static inline void ls_print_stats(const char *name, const struct ls_defer_stats 
 	       st->cgrp_del[LS_RC_OTHER]);
 }
 
+/* No delete of st's program (ctx: its context) refused, none failed unexpectedly */
+static inline void ls_check_no_refusal(const struct ls_defer_stats *st, const char *ctx)
+{
+	char msg[96];
+
+	snprintf(msg, sizeof(msg), "%s: task storage delete refused (-EOPNOTSUPP)", ctx);
+	ASSERT_EQ(st->task_del[LS_RC_EOPNOTSUPP], 0, msg);
+	snprintf(msg, sizeof(msg), "%s: cgroup storage delete refused (-EOPNOTSUPP)", ctx);
+	ASSERT_EQ(st->cgrp_del[LS_RC_EOPNOTSUPP], 0, msg);
+	snprintf(msg, sizeof(msg), "%s: task storage delete: unexpected error (last %lld)",
+		 ctx, (long long)st->other_err);
+	ASSERT_EQ(st->task_del[LS_RC_OTHER], 0, msg);
+	snprintf(msg, sizeof(msg), "%s: cgroup storage delete: unexpected error (last %lld)",
+		 ctx, (long long)st->other_err);
+	ASSERT_EQ(st->cgrp_del[LS_RC_OTHER], 0, msg);
+}
+
 static inline int ls_nr_cpus(void)
 {
 	long n = sysconf(_SC_NPROCESSORS_ONLN);

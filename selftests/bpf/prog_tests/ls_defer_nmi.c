@@ -100,15 +100,6 @@ static void nmi_test_close(struct nmi_test *t)
 	ls_leak_end(&t->ck);
 }
 
-/* No delete was refused for being in NMI, none failed unexpectedly */
-static void check_no_refusal(const struct ls_defer_stats *st)
-{
-	ASSERT_EQ(st->task_del[LS_RC_EOPNOTSUPP], 0, "task storage delete refused in NMI");
-	ASSERT_EQ(st->cgrp_del[LS_RC_EOPNOTSUPP], 0, "cgroup storage delete refused in NMI");
-	ASSERT_EQ(st->task_del[LS_RC_OTHER], 0, "task storage delete: unexpected error");
-	ASSERT_EQ(st->cgrp_del[LS_RC_OTHER], 0, "cgroup storage delete: unexpected error");
-}
-
 static int run_fill(struct nmi_test *t)
 {
 	LIBBPF_OPTS(bpf_test_run_opts, opts);
@@ -171,7 +162,7 @@ static void test_self_nmi(void)
 	ASSERT_EQ(st->arg_nmi, SELF_NMI_RUNS, "runs in NMI (handler's in_nmi())");
 	ASSERT_EQ(st->task_del[LS_RC_OK], SELF_NMI_RUNS, "task storage deletes returned 0");
 	ASSERT_EQ(st->cgrp_del[LS_RC_OK], SELF_NMI_RUNS, "cgroup storage deletes returned 0");
-	check_no_refusal(st);
+	ls_check_no_refusal(st, "NMI");
 	ASSERT_EQ(t.skel->bss->fill_st.created, 2 * SELF_NMI_RUNS, "values created");
 out:
 	bpf_link__destroy(link);
@@ -290,8 +281,8 @@ static void test_nmi_storm(void)
 	ASSERT_EQ(st->in_nmi, st->runs, "NMI program runs in NMI");
 	ASSERT_GT(st->task_del[LS_RC_OK], 0, "NMI task storage deletes returned 0");
 	ASSERT_GT(st->cgrp_del[LS_RC_OK], 0, "NMI cgroup storage deletes returned 0");
-	check_no_refusal(st);
-	check_no_refusal(&t.skel->bss->sys_st);
+	ls_check_no_refusal(st, "NMI");
+	ls_check_no_refusal(&t.skel->bss->sys_st, "tp_btf");
 	/* each run re-creates the task and the cgroup value: one outcome each */
 	ASSERT_EQ(st->created + st->create_fail + st->obj_fail, 2 * st->runs,
 		  "NMI creates counted");
@@ -364,7 +355,7 @@ static void test_create_error(void)
 	ASSERT_EQ(st->arg_nmi, CREATE_ERROR_RUNS, "runs in NMI (handler's in_nmi())");
 	ASSERT_EQ(st->task_del[LS_RC_ENOENT] + st->task_del[LS_RC_BUSY], CREATE_ERROR_RUNS,
 		  "task storage deletes: nothing deleted");
-	check_no_refusal(st);
+	ls_check_no_refusal(st, "NMI");
 	ASSERT_EQ(st->created, 0, "no value created in NMI under the lock");
 	ASSERT_EQ(st->create_fail, CREATE_ERROR_RUNS, "NMI creates failed (-EDEADLK)");
 	err = bpf_map_lookup_elem(t.task_fd, &pidfd, &v);
@@ -443,7 +434,7 @@ static void test_perf_hw_nmi(void)
 
 	ls_print_stats("perf", st);
 	ASSERT_GT(st->runs, 0, "PMU program runs for the workers");
-	check_no_refusal(st);
+	ls_check_no_refusal(st, "PMU");
 	if (!st->in_nmi) {
 		printf("%s:SKIP: PMU interrupts are not NMIs here\n", __func__);
 		test__skip();

@@ -6,7 +6,7 @@
  * holds a referenced kptr whose destructor lsdefer_testmod counts, so user
  * space can check that each value was freed exactly once.
  *
- * Used by prog_tests/ls_defer_nmi.c and prog_tests/ls_defer_hardirq.c.
+ * Used by prog_tests/ls_defer_nmi.c, ls_defer_hardirq.c and ls_defer_hotplug.c.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
