@@ -21,7 +21,7 @@
 //!   [`FREE_CHUNK`] objects of the batch. If that was all of it, it takes `pending` again: if
 //!   items arrived meanwhile it starts the next grace period for them (the chain), otherwise it
 //!   gives the token back. If not, it hands the token, with the rest of the batch, to the CPU's
-//!   **free work**, which frees [`FREE_CHUNK`] objects per run on `system_unbound_wq` and
+//!   **free work**, which frees [`FREE_CHUNK`] objects per run on `system_dfl_wq` and
 //!   queues itself again until the batch is empty (the worker reschedules between runs), then
 //!   chains or gives the token back exactly as the callback would.
 //!
@@ -450,7 +450,7 @@ impl<T: DeferFree> CpuState<T> {
                 self.stats.offloads.fetch_add(1, Relaxed);
             }
             // INVARIANT: The reference goes with the token.
-            let queued = workqueue::system_unbound().enqueue(TokenRef(NonNull::from(self)));
+            let queued = free_queue().enqueue(TokenRef(NonNull::from(self)));
             warn_on!(!queued);
             return;
         }
@@ -508,6 +508,14 @@ impl<T: DeferFree> RcuTasksTraceCallback for CpuState<T> {
         // holds the batch the grace period was started for.
         unsafe { this.free_step(true) };
     }
+}
+
+/// The queue of the free work: `system_dfl_wq`, the unbound system workqueue (this kernel
+/// deprecates its old name, `system_unbound_wq`, which is all `kernel::workqueue` wraps).
+fn free_queue() -> &'static workqueue::Queue {
+    // SAFETY: `system_dfl_wq` is set up before any initcall runs and never freed; reading the
+    // pointer races with nothing.
+    unsafe { workqueue::Queue::from_raw(bindings::system_dfl_wq) }
 }
 
 /// The token owner's reference to a [`CpuState`], which the RCU callback hands to the free work
@@ -1709,7 +1717,7 @@ mod tests {
 
         // A second task, on whichever CPU the unbound workqueue picks.
         let s2 = stress.clone();
-        workqueue::system_unbound().try_spawn(GFP_KERNEL, move || {
+        free_queue().try_spawn(GFP_KERNEL, move || {
             while s2.produce_task_and_bh(16) != 0 {
                 fsleep(Delta::from_micros(200));
             }
@@ -2199,7 +2207,7 @@ mod tests {
         )?;
         let engine = new_engine()?;
         let r = h.clone();
-        workqueue::system_unbound().try_spawn(GFP_KERNEL, move || {
+        free_queue().try_spawn(GFP_KERNEL, move || {
             let guard = rcu_tasks_trace::read_lock();
             r.reading.store(true, Release);
             let saw = wait_until(|| r.flushing.load(Acquire), 5_000);

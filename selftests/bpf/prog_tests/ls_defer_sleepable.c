@@ -20,7 +20,13 @@
  *   in the value; it swaps in a new object, which must be destroyed when the
  *   value is finally freed, after the program returned;
  * - every object is destroyed exactly once (and no KASAN report: the harness
- *   checks dmesg).
+ *   checks dmesg);
+ * - another map's free, which flushes the engine while the program sleeps,
+ *   does not free the held element either: it was deleted, on one CPU, right
+ *   after an element whose grace period the program holds in flight, so it
+ *   waits in that CPU's pending list, where the flush takes it itself and
+ *   must wait for a grace period before it frees it (a flush that does not:
+ *   mutant m08).
  *
  * delete_storm_held: a batch of 10^5 objects is freed in bounded steps, not
  * in one callback. Pinned to one CPU, with such a program asleep (holding the
@@ -281,6 +287,55 @@ static bool dtor_reaches(long long want, int ms)
 	return true;
 }
 
+/*
+ * Creates a task storage map that no program uses (its free does not wait for
+ * a Tasks Trace grace period first), gives it an element of ours, deletes it
+ * and closes the map: its free runs at once and flushes the engine.
+ */
+static int free_other_map(struct ls_defer_sleepable *skel)
+{
+	LIBBPF_OPTS(bpf_map_create_opts, opts, .map_flags = BPF_F_NO_PREALLOC);
+	const struct bpf_map *like = skel->maps.storm_map;
+	int fd, pidfd, err;
+	__u64 val = 1;
+
+	opts.btf_fd = bpf_object__btf_fd(skel->obj);
+	opts.btf_key_type_id = bpf_map__btf_key_type_id(like);
+	opts.btf_value_type_id = bpf_map__btf_value_type_id(like);
+	fd = bpf_map_create(BPF_MAP_TYPE_TASK_STORAGE, "ls_other", sizeof(int),
+			    sizeof(val), 0, &opts);
+	if (fd < 0)
+		return -errno;
+	pidfd = ls_self_pidfd();
+	if (pidfd < 0) {
+		err = -errno;
+		close(fd);
+		return err;
+	}
+	err = bpf_map_update_elem(fd, &pidfd, &val, BPF_NOEXIST);
+	err = err ?: bpf_map_delete_elem(fd, &pidfd);
+	err = err ? -errno : 0;
+	close(pidfd);
+	close(fd);
+	return err;
+}
+
+/* Creates and deletes an element of our own in storm_map */
+static int prime_chain(struct ls_defer_sleepable *skel)
+{
+	int fd = bpf_map__fd(skel->maps.storm_map), pidfd, err;
+	__u64 val = 1;
+
+	pidfd = ls_self_pidfd();
+	if (pidfd < 0)
+		return -errno;
+	err = bpf_map_update_elem(fd, &pidfd, &val, BPF_NOEXIST);
+	err = err ?: bpf_map_delete_elem(fd, &pidfd);
+	err = err ? -errno : 0;
+	close(pidfd);
+	return err;
+}
+
 static void run_case(bool cgrp, int cgroup_fd, __u64 cgid)
 {
 	struct ls_defer_sleepable *skel = NULL;
@@ -315,7 +370,17 @@ static void run_case(bool cgrp, int cgroup_fd, __u64 cgid)
 	if (!ASSERT_OK(bpf_map_lookup_elem(map_fd, &key, &v), "lookup held value") ||
 	    !ASSERT_EQ(v.canary, LS_DEFER_CANARY, "held value canary"))
 		goto out;
-	if (!ASSERT_OK(bpf_map_delete_elem(map_fd, &key), "delete the held element"))
+	/*
+	 * On one CPU: first an element of storm_map, whose grace period the
+	 * program holds in flight, then the held one, which so waits in the
+	 * CPU's pending list, where a flush takes it itself.
+	 */
+	if (!ASSERT_OK(ls_pin_cpu(0), "pin to CPU 0") ||
+	    !ASSERT_OK(prime_chain(skel), "an element deleted before"))
+		goto out;
+	err = bpf_map_delete_elem(map_fd, &key);
+	ls_unpin();
+	if (!ASSERT_OK(err, "delete the held element"))
 		goto out;
 	err = bpf_map_lookup_elem(map_fd, &key, &v);
 	ASSERT_EQ(err ? -errno : 0, -ENOENT, "element gone for syscalls");
@@ -333,6 +398,13 @@ static void run_case(bool cgrp, int cgroup_fd, __u64 cgid)
 	ASSERT_GT(err, 0, "churn values created");
 	ASSERT_TRUE(dtor_stays(dtor0, HOLD_MS / 2),
 		    "kptr destructor waits for the sleeping program (after churn)");
+	/*
+	 * Another map's free flushes the engine, which takes the held element
+	 * too: it must still wait for the sleeping program.
+	 */
+	if (ASSERT_OK(free_other_map(skel), "free another task storage map"))
+		ASSERT_TRUE(dtor_stays(dtor0, HOLD_MS / 2),
+			    "kptr destructor waits for the sleeping program (another map freed)");
 
 out:
 	/* Wake the program up */
