@@ -386,24 +386,35 @@ impl<T: DeferFree> CpuState<T> {
             // An empty take completes at once. Release: a flush that reads `completed` with
             // acquire sees everything this owner did before.
             self.completed.fetch_add(1, Release);
-            // SAFETY: We own the token, hence `batch`.
-            let leftover = unsafe { !(*self.batch.get()).is_empty() };
-            warn_on!(leftover);
-            // INVARIANT: `batch` is empty, `rcu` is not queued and `free_work` is not queued
-            // (only the owner queues it, and it queues it last): the token may go.
-            // Fully ordered, so that the re-check below cannot be satisfied before the release:
-            // a handler that found the token taken wrote it after its producer's llist_add(),
-            // and this xchg() reads that write.
-            self.in_flight.xchg(0, Full);
-            if self.pending.is_empty() {
-                return;
-            }
-            // Items arrived while we owned the token; their producer's handler may have given
-            // up. Take the token back, unless someone else just did: then they take the items.
-            if self.in_flight.xchg(1, Full) != 0 {
+            // SAFETY: We own the token; `batch` is empty, `rcu` and `free_work` are not queued.
+            if !unsafe { self.release() } {
                 return;
             }
         }
+    }
+
+    /// Gives the token back, then looks at `pending` once more and takes the token again if
+    /// items arrived meanwhile: their producer's handler may have found the token taken and
+    /// given up. Returns `true` if the caller owns the token again.
+    ///
+    /// # Safety
+    ///
+    /// The caller owns the token; `batch` is empty and neither `rcu` nor `free_work` is queued.
+    unsafe fn release(&self) -> bool {
+        // SAFETY: We own the token, hence `batch`.
+        let leftover = unsafe { !(*self.batch.get()).is_empty() };
+        warn_on!(leftover);
+        // INVARIANT: `batch` is empty, `rcu` is not queued and `free_work` is not queued (only
+        // the owner queues it, and it queues it last): the token may go.
+        // Fully ordered, so that the re-check below cannot be satisfied before the release: a
+        // handler that found the token taken wrote it after its producer's llist_add(), and this
+        // xchg() reads that write.
+        self.in_flight.xchg(0, Full);
+        if self.pending.is_empty() {
+            return false;
+        }
+        // Take the token back, unless someone else just did: then they take the items.
+        self.in_flight.xchg(1, Full) == 0
     }
 
     /// Frees at most [`FREE_CHUNK`] objects of `batch`, one step; returns how many.
@@ -2170,6 +2181,47 @@ mod tests {
         Ok(())
     }
 
+    // --- c0. The owner that gives the token back looks once more ------------------------------
+
+    /// Guards: the re-check after the token is given back. The test plays the owner: it holds
+    /// the token with nothing to take while a producer queues an object, whose handler finds the
+    /// token taken and gives up; giving the token back must then see the object and take the
+    /// token again (`retaken` fails without the re-check, `BROKEN=m04`: the object would wait
+    /// for the next producer on this CPU, or for ever).
+    #[test]
+    fn release_rechecks_pending() -> Result {
+        let pool = Pool::new(1)?;
+        let engine = new_engine()?;
+        let pin = MigrateDisabled::new();
+        let cpu = CpuId::current();
+        let st = engine.state(cpu).ok_or(EINVAL)?;
+        // Be the owner, as a handler that found `pending` empty is right before it releases.
+        let took = st.in_flight.xchg(1, Full) == 0;
+        // A producer: its irq_work runs right away (interrupts are on) and gives up.
+        queue(&engine, pool.obj(0).ok_or(EINVAL)?);
+        let handler_ran = wait_until(|| !st.work.is_busy(), 1_000);
+        let held = pool.freed() == 0 && !st.pending.is_empty();
+        drop(pin);
+        // SAFETY: The test owns the token; the fresh engine's batch is empty and nothing of
+        // this CPU is queued.
+        let retaken = took && unsafe { st.release() };
+        if retaken {
+            // SAFETY: `release()` gave the token back to us, with `batch` still empty.
+            unsafe { st.start_or_release() };
+        }
+        let freed = wait_until(|| pool.freed() == 1, 10_000);
+        // The drop's flush frees the object if nothing else did.
+        drop(engine);
+
+        assert!(took);
+        assert!(handler_ran);
+        assert!(held);
+        assert!(retaken);
+        assert!(freed);
+        assert!(pool.freed_once(0..1));
+        Ok(())
+    }
+
     // --- c1. A flush waits for readers too ------------------------------------------------------
 
     /// Shared by [`flush_waits_for_readers`] and its sleeping reader.
@@ -2247,6 +2299,60 @@ mod tests {
         assert_eq!(freed, 2);
         assert!(h.pool.freed_once(0..2));
         assert_eq!(h.pool.bad(), 0);
+        Ok(())
+    }
+
+    /// Guards: a flush waits for the batches that owners took before it, not only for what it
+    /// took itself. A reader holds the grace period of a batch in flight, and nothing is left
+    /// in the lists; a flush that does not wait for the chain (`BROKEN=m09`) returns at once,
+    /// with the batch not freed (`freed` fails). The map free that relies on it would then free
+    /// the map before those elements' `bpf_obj_free_fields()`.
+    #[test]
+    fn flush_waits_for_batches_in_flight() -> Result {
+        let h = Arc::new(
+            FlushReader {
+                pool: Pool::new(1)?,
+                reading: Atomic::new(false),
+                flushing: Atomic::new(false),
+                saw_flushing: Atomic::new(false),
+                intact: Atomic::new(false),
+                done: Atomic::new(false),
+            },
+            GFP_KERNEL,
+        )?;
+        let engine = new_engine()?;
+        let r = h.clone();
+        free_queue().try_spawn(GFP_KERNEL, move || {
+            let guard = rcu_tasks_trace::read_lock();
+            r.reading.store(true, Release);
+            let saw = wait_until(|| r.flushing.load(Acquire), 5_000);
+            fsleep(Delta::from_millis(300));
+            r.saw_flushing.store(saw, Relaxed);
+            drop(guard);
+            r.done.store(true, Release);
+        })?;
+        let reading = wait_until(|| h.reading.load(Acquire), 5_000);
+
+        let pin = MigrateDisabled::new();
+        let cpu = CpuId::current();
+        queue(&engine, h.pool.obj(0).ok_or(EINVAL)?);
+        let in_flight = wait_until(|| engine.stats(cpu).unwrap_or_default().gps == 1, 5_000);
+        drop(pin);
+        h.flushing.store(true, Release);
+        engine.flush();
+        // Read right after flush() returned.
+        let freed = h.pool.freed();
+        let done = wait_until(|| h.done.load(Acquire), 10_000);
+        let flushed = engine.total_stats().flushed;
+        drop(engine);
+
+        assert!(reading);
+        assert!(in_flight);
+        assert!(done);
+        assert!(h.saw_flushing.load(Relaxed));
+        assert_eq!(flushed, 0);
+        assert_eq!(freed, 1);
+        assert!(h.pool.freed_once(0..1));
         Ok(())
     }
 

@@ -251,21 +251,18 @@ MUTANTS = [
             // The owner takes""", """        if self.in_flight.xchg(1, Relaxed) != 0 {
             // The owner takes""", "kick xchg"),
      [ENG], "kick takes the token with a relaxed xchg", "ordering; x86 xchg is a full barrier"),
-    ("m02", edit(ENG, "            self.in_flight.xchg(0, Full);\n",
-                 "            self.in_flight.store(0, Release);\n", "token release"),
+    ("m02", edit(ENG, "        self.in_flight.xchg(0, Full);\n",
+                 "        self.in_flight.store(0, Release);\n", "token release"),
      [ENG], "the token is given back with a release store, not a fully ordered xchg",
      "store->load ordering of the re-check"),
-    ("m03", edit(ENG, """            if self.in_flight.xchg(1, Full) != 0 {
-                return;
-            }""", """            if self.in_flight.xchg(1, Relaxed) != 0 {
-                return;
-            }""", "re-take xchg"),
+    ("m03", edit(ENG, "        self.in_flight.xchg(1, Full) == 0\n",
+                 "        self.in_flight.xchg(1, Relaxed) == 0\n", "re-take xchg"),
      [ENG], "the token is taken back after the re-check with a relaxed xchg", "ordering"),
-    ("m04", edit(ENG, """            if self.pending.is_empty() {
-                return;
-            }""", """            if core::hint::black_box(true) || self.pending.is_empty() {
-                return;
-            }""", "re-check"),
+    ("m04", edit(ENG, """        if self.pending.is_empty() {
+            return false;
+        }""", """        if core::hint::black_box(true) || self.pending.is_empty() {
+            return false;
+        }""", "re-check"),
      [ENG], "no look at pending after the token is given back", "stranding"),
     ("m05", edit(ENG, """            self.started.fetch_add(1, Relaxed);
             let batch = self.pending.del_all();""", """            let batch = self.pending.del_all();
