@@ -2239,16 +2239,14 @@ mod tests {
         done: Atomic<bool>,
     }
 
-    /// Guards: a flush frees what it took from the lists only after a grace period that
-    /// started after the take. A reader that found the second object before it was queued
-    /// sleeps in its read-side critical section while the test flushes; the first object holds
-    /// the CPU's chain, so the flush takes the second one from the list itself. One that frees
-    /// at once (`BROKEN=m08`) frees it under the sleeping reader (`intact` fails).
-    #[test]
-    fn flush_waits_for_readers() -> Result {
+    /// Starts a reader that enters a Tasks Trace read-side critical section, waits (at most
+    /// 5 s) for the test to start flushing, sleeps `hold_ms` more, records whether the last
+    /// object of a pool of `objs` is still alive, and leaves. Returns once it is reading, or
+    /// with `reading` unset after 5 s.
+    fn start_flush_reader(objs: usize, hold_ms: i64) -> Result<Arc<FlushReader>> {
         let h = Arc::new(
             FlushReader {
-                pool: Pool::new(2)?,
+                pool: Pool::new(objs)?,
                 reading: Atomic::new(false),
                 flushing: Atomic::new(false),
                 saw_flushing: Atomic::new(false),
@@ -2257,25 +2255,37 @@ mod tests {
             },
             GFP_KERNEL,
         )?;
-        let engine = new_engine()?;
         let r = h.clone();
         free_queue().try_spawn(GFP_KERNEL, move || {
             let guard = rcu_tasks_trace::read_lock();
             r.reading.store(true, Release);
             let saw = wait_until(|| r.flushing.load(Acquire), 5_000);
-            // Let the flush take the object and, if it does not wait, free it.
-            fsleep(Delta::from_millis(200));
+            // Let the flush take what it takes and, if it does not wait, free it.
+            fsleep(Delta::from_millis(hold_ms));
             r.saw_flushing.store(saw, Relaxed);
             let alive = r
                 .pool
                 .objs
-                .get(1)
+                .last()
                 .is_some_and(|o| o.state.load(Relaxed) == ALIVE);
             r.intact.store(alive, Relaxed);
             drop(guard);
             r.done.store(true, Release);
         })?;
-        let reading = wait_until(|| h.reading.load(Acquire), 5_000);
+        wait_until(|| h.reading.load(Acquire), 5_000);
+        Ok(h)
+    }
+
+    /// Guards: a flush frees what it took from the lists only after a grace period that
+    /// started after the take. A reader that found the second object before it was queued
+    /// sleeps in its read-side critical section while the test flushes; the first object holds
+    /// the CPU's chain, so the flush takes the second one from the list itself. One that frees
+    /// at once (`BROKEN=m08`) frees it under the sleeping reader (`intact` fails).
+    #[test]
+    fn flush_waits_for_readers() -> Result {
+        let h = start_flush_reader(2, 200)?;
+        let engine = new_engine()?;
+        let reading = h.reading.load(Acquire);
 
         let pin = MigrateDisabled::new();
         let cpu = CpuId::current();
@@ -2309,29 +2319,9 @@ mod tests {
     /// the map before those elements' `bpf_obj_free_fields()`.
     #[test]
     fn flush_waits_for_batches_in_flight() -> Result {
-        let h = Arc::new(
-            FlushReader {
-                pool: Pool::new(1)?,
-                reading: Atomic::new(false),
-                flushing: Atomic::new(false),
-                saw_flushing: Atomic::new(false),
-                intact: Atomic::new(false),
-                done: Atomic::new(false),
-            },
-            GFP_KERNEL,
-        )?;
+        let h = start_flush_reader(1, 300)?;
         let engine = new_engine()?;
-        let r = h.clone();
-        free_queue().try_spawn(GFP_KERNEL, move || {
-            let guard = rcu_tasks_trace::read_lock();
-            r.reading.store(true, Release);
-            let saw = wait_until(|| r.flushing.load(Acquire), 5_000);
-            fsleep(Delta::from_millis(300));
-            r.saw_flushing.store(saw, Relaxed);
-            drop(guard);
-            r.done.store(true, Release);
-        })?;
-        let reading = wait_until(|| h.reading.load(Acquire), 5_000);
+        let reading = h.reading.load(Acquire);
 
         let pin = MigrateDisabled::new();
         let cpu = CpuId::current();
