@@ -85,6 +85,7 @@ trap 'rm -rf "$stage" "$new"' EXIT
 (cd "$stage" && find . -type f | sed 's|^\./||' | LC_ALL=C sort) >"$new"
 
 changed=0
+shared_hdr=0
 while read -r f; do
 	if ! cmp -s "$stage/$f" "$dst/$f"; then
 		mkdir -p "$(dirname "$dst/$f")"
@@ -92,8 +93,20 @@ while read -r f; do
 		mv "$dst/$f.lsdefer-tmp" "$dst/$f"
 		echo "  updated $f"
 		changed=$((changed + 1))
+		case "$f" in
+		tools/testing/selftests/bpf/*/*) ;;
+		tools/testing/selftests/bpf/*.h) shared_hdr=1 ;;
+		esac
 	fi
 done <"$new"
+# The selftests Makefile rebuilds a BPF object when progs/*.h change, not when
+# a header of the directory above does: touch our programs, which include ours.
+if [ "$shared_hdr" = 1 ]; then
+	grep '^tools/testing/selftests/bpf/progs/.*\.c$' "$new" | while read -r f; do
+		touch "$dst/$f"
+		echo "  touched $f (a shared header changed)"
+	done
+fi
 
 if [ -f "$dst/.lsdefer-overlay" ]; then
 	LC_ALL=C comm -23 "$dst/.lsdefer-overlay" "$new" | while read -r f; do

@@ -179,6 +179,9 @@ const __LOG_PREFIX: &[u8] = b"bpf_local_storage_defer\0";
 /// seconds.
 const FREE_CHUNK: usize = 64;
 
+/// How long [`Engine::flush`] waits for a batch before it says so in the kernel log.
+const FLUSH_STALL_MS: i64 = 10_000;
+
 /// An object freed by an [`Engine`].
 pub trait DeferFree: HasLListNode + Send + Sized + 'static {
     /// Frees `obj`, whose Tasks Trace RCU grace period has elapsed.
@@ -191,6 +194,12 @@ pub trait DeferFree: HasLListNode + Send + Sized + 'static {
     ///
     /// `obj` was passed to [`Engine::queue`] and ownership of it passes back to the callee.
     unsafe fn free(obj: NonNull<Self>);
+
+    /// Called by the token owner right after it took `pending`, before it starts a grace period
+    /// for what it took: the KUnit tests stop an owner there (see
+    /// `flush_counts_a_batch_being_taken`).
+    #[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
+    fn after_take() {}
 }
 
 /// Per-CPU counters, for observability only.
@@ -367,6 +376,8 @@ impl<T: DeferFree> CpuState<T> {
             // that takes `pending` after us and then reads `started` sees this increment.
             self.started.fetch_add(1, Relaxed);
             let batch = self.pending.del_all();
+            #[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
+            T::after_take();
             if !batch.is_empty() {
                 // SAFETY: We own the token, hence `batch`, which the caller left empty.
                 unsafe { *self.batch.get() = batch };
@@ -676,6 +687,17 @@ impl<T: DeferFree> Engine<T> {
     /// Sleeps; must not be called inside a Tasks Trace RCU read-side critical section. Concurrent
     /// flushes share their grace periods (see the module documentation).
     pub fn flush(&self) {
+        self.flush_within(None);
+    }
+
+    /// [`Engine::flush`]; with a `limit`, it stops waiting for the batches owners had taken
+    /// (step 4) once `limit` has passed and returns `false`: something queued before the call
+    /// may then not be freed yet, so the engine must not be dropped. For tests, which must fail
+    /// rather than hang when a broken chain never completes a batch.
+    ///
+    /// A wait of [`FLUSH_STALL_MS`] or longer is reported in the kernel log, with what it waits
+    /// for, and again each time the wait doubles.
+    fn flush_within(&self, limit: Option<Delta>) -> bool {
         // Step 1: a handler half-way through a take (token taken, call_rcu_tasks_trace() not
         // made yet) would make the barriers of step 4 return early and loop; let every running
         // or pending handler finish first. Offline CPUs run none, and never have one pending
@@ -755,20 +777,38 @@ impl<T: DeferFree> Engine<T> {
         // not wait for, and one that handed a large batch to the free work completes it later,
         // hence the loop on the counters rather than a single barrier. Acquire pairs with the
         // release increment after the frees.
+        let start = Instant::<Monotonic>::now();
+        let mut report = FLUSH_STALL_MS;
         for cpu in percpu::possible_cpus() {
             let Some(st) = self.state(cpu) else { continue };
             let target = st.flush_target.load(Relaxed);
             let done = || (st.completed.load(Acquire).wrapping_sub(target) as isize) >= 0;
             while !done() {
                 rcu_tasks_trace::rcu_barrier_tasks_trace();
-                if !done() {
-                    // The free work is still freeing the batch, or an owner is between its
-                    // take and call_rcu_tasks_trace() (a hotplug kick can be preempted there):
-                    // the barrier had nothing to wait for.
-                    fsleep(Delta::from_millis(1));
+                if done() {
+                    break;
                 }
+                let waited = start.elapsed();
+                if waited.as_millis() >= report {
+                    pr_warn!(
+                        "flush waited {} ms for CPU {}: batches completed {}, needs {}\n",
+                        waited.as_millis(),
+                        cpu.as_u32(),
+                        st.completed.load(Relaxed),
+                        target
+                    );
+                    report = report.saturating_mul(2);
+                }
+                if limit.is_some_and(|l| waited.as_nanos() >= l.as_nanos()) {
+                    return false;
+                }
+                // The free work is still freeing the batch, or an owner is between its take
+                // and call_rcu_tasks_trace() (a hotplug kick can be preempted there): the
+                // barrier had nothing to wait for.
+                fsleep(Delta::from_millis(1));
             }
         }
+        true
     }
 
     /// Returns a snapshot of the counters of `cpu`, or [`None`] if it is not possible.
@@ -793,7 +833,7 @@ impl<T: DeferFree> Engine<T> {
     /// # Safety
     ///
     /// As for [`Engine::queue`].
-    #[cfg(all(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST, CONFIG_HOTPLUG_CPU))]
+    #[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
     unsafe fn queue_offline(&self, cpu: CpuId, obj: NonNull<T>) -> bool {
         let Some(st) = self.state(cpu) else {
             return false;
@@ -1167,6 +1207,7 @@ pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
 #[kunit_tests(bpf_local_storage_defer)]
 mod tests {
     use super::*;
+    use core::mem::ManuallyDrop;
     use kernel::{
         impl_has_hr_timer,
         impl_has_llist_node,
@@ -1245,11 +1286,40 @@ mod tests {
             obj.frees.fetch_add(1, Relaxed);
             counters.freed.fetch_add(1, Release);
         }
+
+        fn after_take() {
+            if TAKE_HOOK.cmpxchg(TAKE_ARMED, TAKE_HELD, Full).is_err() {
+                return;
+            }
+            // Stay between the take and the grace period until the flush returns, or for
+            // `TAKE_HOLD_MS`: a flush that counted this batch cannot return before it.
+            let start = Instant::<Monotonic>::now();
+            while TAKE_HOOK.load(Acquire) != TAKE_FLUSHED
+                && start.elapsed().as_millis() < TAKE_HOLD_MS
+            {
+                cpu_relax();
+            }
+        }
     }
 
+    /// [`DeferFree::after_take`] of test objects: idle, or armed by
+    /// [`flush_counts_a_batch_being_taken`] for the next take, or holding that take, or told
+    /// by that test's flusher that its flush returned.
+    static TAKE_HOOK: Atomic<u32> = Atomic::new(TAKE_IDLE);
+    const TAKE_IDLE: u32 = 0;
+    const TAKE_ARMED: u32 = 1;
+    const TAKE_HELD: u32 = 2;
+    const TAKE_FLUSHED: u32 = 3;
+    /// How long the hook holds an owner right after its take, at most.
+    const TAKE_HOLD_MS: i64 = 500;
+
     /// Test objects; they are only "freed" (poisoned and counted), so they stay readable.
+    ///
+    /// # Invariants
+    ///
+    /// `counters` is dropped only by [`Pool`]'s drop, and not at all once [`LEAKED`] is set.
     struct Pool {
-        counters: KBox<Counters>,
+        counters: ManuallyDrop<KBox<Counters>>,
         objs: KVVec<TestObj>,
         cursor: Atomic<usize>,
     }
@@ -1277,7 +1347,7 @@ mod tests {
                 )?;
             }
             Ok(Pool {
-                counters,
+                counters: ManuallyDrop::new(counters),
                 objs,
                 cursor: Atomic::new(0),
             })
@@ -1329,6 +1399,62 @@ mod tests {
                 objs.iter()
                     .all(|o| o.frees.load(Relaxed) == 0 && o.state.load(Relaxed) == ALIVE)
             })
+        }
+    }
+
+    impl Drop for Pool {
+        fn drop(&mut self) {
+            if LEAKED.load(Relaxed) {
+                // An engine that a test gave up on may still free these objects, and count
+                // them.
+                core::mem::forget(core::mem::take(&mut self.objs));
+                return;
+            }
+            // SAFETY: Dropped once, here; nothing uses it afterwards (type invariant).
+            unsafe { ManuallyDrop::drop(&mut self.counters) };
+        }
+    }
+
+    /// How long a test's flush may wait for the engine's batches before the test fails.
+    const FLUSH_LIMIT_MS: i64 = 30_000;
+
+    /// Set once a test gave up on an engine that did not free what it was given: that engine,
+    /// and every pool from then on, is leaked, since a late free would write into them.
+    static LEAKED: Atomic<bool> = Atomic::new(false);
+
+    /// Flushes `engine`, giving up after [`FLUSH_LIMIT_MS`] (see [`Engine::flush_within`]):
+    /// a flush that never returns fails its test with a message instead of hanging the run.
+    /// The caller must not drop `engine` if this returns `false`.
+    fn flush_bounded(engine: &Engine<TestObj>) -> bool {
+        if engine.flush_within(Some(Delta::from_millis(FLUSH_LIMIT_MS))) {
+            return true;
+        }
+        pr_err!(
+            "flush() still waits after {FLUSH_LIMIT_MS} ms for batches taken before it; \
+             leaking the engine\n"
+        );
+        LEAKED.store(true, Relaxed);
+        false
+    }
+
+    /// Flushes and drops `engine`, or leaks it if the flush gave up (see [`flush_bounded`]).
+    fn close(engine: Pin<KBox<Engine<TestObj>>>) -> bool {
+        if flush_bounded(&engine) {
+            drop(engine);
+            true
+        } else {
+            core::mem::forget(engine);
+            false
+        }
+    }
+
+    /// [`close`] after a flush that returned, or else leaks `engine`.
+    fn close_after(returned: bool, engine: Pin<KBox<Engine<TestObj>>>) -> bool {
+        if returned {
+            close(engine)
+        } else {
+            core::mem::forget(engine);
+            false
         }
     }
 
@@ -1779,11 +1905,15 @@ mod tests {
             + stress.softirq.load(Relaxed)
             + stress.hardirq.load(Relaxed)
             + stress.nmi.load(Relaxed);
-        stress.engine.flush();
+        let returned = flush_bounded(&stress.engine);
+        if !returned {
+            core::mem::forget(stress.clone());
+        }
         // Read right after flush() returned: nothing may still be on its way.
         let freed = stress.pool.freed();
         let total = stress.engine.total_stats();
 
+        assert!(returned);
         assert!(worker_done);
         assert!(bh_done);
         assert_eq!(produced, N);
@@ -2021,7 +2151,10 @@ mod tests {
         // (a re-check or re-arm that missed items) is stranded.
         wait_until(|| stress.pool.freed() >= produced, NEST_SETTLE_MS);
         let stranded = produced.saturating_sub(stress.pool.freed());
-        stress.engine.flush();
+        if !flush_bounded(&stress.engine) {
+            core::mem::forget(stress.clone());
+            return Err(ETIMEDOUT);
+        }
         // Read right after flush() returned: nothing may still be on its way.
         let freed = stress.pool.freed();
         let total = stress.engine.total_stats();
@@ -2126,8 +2259,9 @@ mod tests {
         drop(reader);
 
         let freed = wait_until(|| pool.freed() == 1, 30_000);
-        drop(engine);
+        let closed = close(engine);
 
+        assert!(closed);
         assert!(gp_started);
         assert!(intact);
         assert!(freed);
@@ -2168,8 +2302,9 @@ mod tests {
         // No producer and no flush from here on: only the chain can free `obj1`.
         let freed = wait_until(|| pool.freed() == 2, 30_000);
         let s = stats();
-        drop(engine);
+        let closed = close(engine);
 
+        assert!(closed);
         assert!(first_gp);
         assert!(one_in_flight);
         assert!(freed);
@@ -2211,8 +2346,9 @@ mod tests {
         }
         let freed = wait_until(|| pool.freed() == 1, 10_000);
         // The drop's flush frees the object if nothing else did.
-        drop(engine);
+        let closed = close(engine);
 
+        assert!(closed);
         assert!(took);
         assert!(handler_ran);
         assert!(held);
@@ -2294,12 +2430,14 @@ mod tests {
         queue(&engine, h.pool.obj(1).ok_or(EINVAL)?);
         drop(pin);
         h.flushing.store(true, Release);
-        engine.flush();
+        let returned = flush_bounded(&engine);
         let freed = h.pool.freed();
         let done = wait_until(|| h.done.load(Acquire), 10_000);
         let flushed = engine.total_stats().flushed;
-        drop(engine);
+        let closed = close_after(returned, engine);
 
+        assert!(returned);
+        assert!(closed);
         assert!(reading);
         assert!(first_gp);
         assert!(done);
@@ -2329,12 +2467,15 @@ mod tests {
         let in_flight = wait_until(|| engine.stats(cpu).unwrap_or_default().gps == 1, 5_000);
         drop(pin);
         h.flushing.store(true, Release);
-        engine.flush();
+        let returned = flush_bounded(&engine);
         // Read right after flush() returned.
         let freed = h.pool.freed();
         let done = wait_until(|| h.done.load(Acquire), 10_000);
         let flushed = engine.total_stats().flushed;
-        drop(engine);
+        let closed = close_after(returned, engine);
+
+        assert!(returned);
+        assert!(closed);
 
         assert!(reading);
         assert!(in_flight);
@@ -2343,6 +2484,77 @@ mod tests {
         assert_eq!(flushed, 0);
         assert_eq!(freed, 1);
         assert!(h.pool.freed_once(0..1));
+        Ok(())
+    }
+
+    /// Shared by [`flush_counts_a_batch_being_taken`] and its flusher. The engine is declared
+    /// first: it is dropped, and flushed, before the pool.
+    struct TakeFlush {
+        engine: Pin<KBox<Engine<TestObj>>>,
+        pool: Pool,
+        /// Whether the flusher saw the owner held in its take.
+        saw_take: Atomic<bool>,
+        /// Whether the flusher's flush returned within [`FLUSH_LIMIT_MS`].
+        returned: Atomic<bool>,
+        /// Objects freed when the flusher's flush returned.
+        freed_at_return: Atomic<usize>,
+        done: Atomic<bool>,
+    }
+
+    /// Guards: an owner counts a batch in `started` before it takes `pending`, so that a flush
+    /// whose own take follows the owner's waits for that batch. The test stops an owner (a
+    /// hotplug-style kick from task context) right after its take, before its grace period, and
+    /// flushes from another thread meanwhile: the flush must not return before the batch is
+    /// freed. An owner that counts after its take (`BROKEN=m05`) lets the flush read a
+    /// `started` that misses the batch and return at once (`freed_at_return` fails): map free
+    /// would then free the map before those elements' `bpf_obj_free_fields()`.
+    #[test]
+    fn flush_counts_a_batch_being_taken() -> Result {
+        let s = Arc::new(
+            TakeFlush {
+                engine: new_engine()?,
+                pool: Pool::new(1)?,
+                saw_take: Atomic::new(false),
+                returned: Atomic::new(false),
+                freed_at_return: Atomic::new(0),
+                done: Atomic::new(false),
+            },
+            GFP_KERNEL,
+        )?;
+        let cpu = CpuId::current();
+        // An object left in the list with no handler queued, as by an NMI on a CPU going down.
+        // SAFETY: As for `queue()`.
+        let listed = unsafe { s.engine.queue_offline(cpu, s.pool.obj(0).ok_or(EINVAL)?) };
+        let f = s.clone();
+        free_queue().try_spawn(GFP_KERNEL, move || {
+            let saw = wait_until(|| TAKE_HOOK.load(Acquire) == TAKE_HELD, 5_000);
+            f.saw_take.store(saw, Relaxed);
+            let returned = !saw || flush_bounded(&f.engine);
+            f.freed_at_return.store(f.pool.freed(), Relaxed);
+            f.returned.store(returned, Relaxed);
+            TAKE_HOOK.store(TAKE_FLUSHED, Release);
+            if !returned {
+                core::mem::forget(f.clone());
+            }
+            f.done.store(true, Release);
+        })?;
+        TAKE_HOOK.store(TAKE_ARMED, Release);
+        // Takes the list; the hook holds us right after the take.
+        s.engine.kick_cpu(cpu);
+        let done = wait_until(|| s.done.load(Acquire), 2 * FLUSH_LIMIT_MS as u32);
+        TAKE_HOOK.store(TAKE_IDLE, Relaxed);
+        let freed = wait_until(|| s.pool.freed() == 1, 10_000);
+        if !done {
+            core::mem::forget(s.clone());
+        }
+
+        assert!(listed);
+        assert!(done);
+        assert!(s.saw_take.load(Relaxed));
+        assert!(s.returned.load(Relaxed));
+        assert_eq!(s.freed_at_return.load(Relaxed), 1);
+        assert!(freed);
+        assert!(s.pool.freed_once(0..1));
         Ok(())
     }
 
@@ -2399,8 +2611,9 @@ mod tests {
             s.max_step,
             s.max_step_ns
         );
-        drop(engine);
+        let closed = close(engine);
 
+        assert!(closed);
         assert!(held);
         assert!(freed);
         assert!(pool.freed_once(0..BIG_BATCH));
@@ -2487,8 +2700,7 @@ mod tests {
 
         // SAFETY: FFI call; the CPU is brought back below.
         if unsafe { bindings::remove_cpu(target.as_u32()) } != 0 {
-            engine.flush();
-            drop(engine);
+            close(engine);
             skip(c"remove_cpu() failed");
             return Ok(());
         }
@@ -2512,7 +2724,7 @@ mod tests {
         rcu_tasks_trace::synchronize_rcu_tasks_trace();
         let stranded = pool.none_freed(K..2 * K);
 
-        engine.flush();
+        let returned = flush_bounded(&engine);
         let flushed_all = pool.freed_once(0..2 * K);
 
         // The same, picked up by the CPU hotplug "dead" kick instead of a flush.
@@ -2526,8 +2738,10 @@ mod tests {
 
         // SAFETY: FFI call; brings back the CPU taken down above.
         let back = unsafe { bindings::add_cpu(target.as_u32()) } == 0;
-        drop(engine);
+        let closed = close_after(returned, engine);
 
+        assert!(returned);
+        assert!(closed);
         assert!(chain_idle);
         assert!(stranded);
         assert!(flushed_all);
@@ -2720,6 +2934,7 @@ mod tests {
         flush_waited: bool,
         idle_later: bool,
         gave_up_early: bool,
+        flush_returned: bool,
     }
 
     /// Holds `target`'s interrupts off with its irq_work pending, and flushes meanwhile.
@@ -2751,7 +2966,7 @@ mod tests {
         }
         let queued = wait_until(|| h.queued.load(Acquire), 1_000);
         h.flushing.store(true, Release);
-        engine.flush();
+        let flush_returned = flush_bounded(engine);
         let idle_after_flush = engine.state(target).is_some_and(|st| !st.work.is_busy());
         h.release.store(true, Release);
         // The callback ends on its own within `HOLD_PRE_MS + HOLD_MS`; `h` is ours.
@@ -2771,6 +2986,7 @@ mod tests {
             flush_waited: h.timed_out.load(Relaxed),
             idle_later,
             gave_up_early: h.gave_up_early.load(Relaxed),
+            flush_returned,
         }
     }
 
@@ -2800,12 +3016,14 @@ mod tests {
         }
         // SAFETY: Pairs with `migrate_disable()` above.
         unsafe { bindings::migrate_enable() };
-        if o.idle_later || target.is_none() || o.ret != 0 {
-            drop(engine);
+        let closed = if target.is_none() || o.ret != 0 || (o.idle_later && o.flush_returned) {
+            close(engine)
         } else {
-            // Never free what a stuck irq_work may still use.
+            // Never free what a stuck irq_work or an unfinished flush may still use.
+            LEAKED.store(true, Relaxed);
             core::mem::forget(engine);
-        }
+            false
+        };
 
         if target.is_none() {
             skip(c"needs a second online CPU");
@@ -2816,6 +3034,8 @@ mod tests {
         assert!(o.queued);
         assert!(o.pending);
         assert!(!o.gave_up_early);
+        assert!(o.flush_returned);
+        assert!(closed);
         assert!(o.idle_after_flush);
         assert!(o.flush_waited);
         assert!(o.idle_later);

@@ -23,6 +23,7 @@ struct ls_defer_stats {
 	__u64 in_nmi;		/* runs where bpf_lsdefer_ctx() said NMI */
 	__u64 in_hardirq;	/* ... hard interrupt, not NMI */
 	__u64 arg_nmi;		/* runs whose in_nmi argument was set (fentry) */
+	__u64 in_task_del;	/* runs that interrupted a task-context delete */
 	__u64 task_del[LS_RC_NR];
 	__u64 cgrp_del[LS_RC_NR];
 	__u64 created;		/* values (re)created with a fresh object */
@@ -34,6 +35,8 @@ struct ls_defer_stats {
 #define LS_DEFER_CANARY		0x43616e6172792121ULL
 #define LS_DEFER_CHURN		0x5a5a5a5a5a5a5a5aULL
 #define LS_DEFER_PAD		6
+/* Power of two: CPUs that mark their task-context deletes (in_task_del) */
+#define LS_DEFER_MAX_CPUS	64
 
 /* User space view of a value; the programs' has a kptr in place of obj. */
 struct ls_defer_uval {

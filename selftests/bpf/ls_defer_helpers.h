@@ -265,8 +265,9 @@ static inline bool ls_leak_end(const struct ls_leak_ck *ck)
 /* What one program (or context) counted */
 static inline void ls_print_stats(const char *name, const struct ls_defer_stats *st)
 {
-	printf("%s: runs %llu foreign %llu nmi %llu hardirq %llu arg_nmi %llu\n",
-	       name, st->runs, st->foreign, st->in_nmi, st->in_hardirq, st->arg_nmi);
+	printf("%s: runs %llu foreign %llu nmi %llu hardirq %llu arg_nmi %llu in_task_del %llu\n",
+	       name, st->runs, st->foreign, st->in_nmi, st->in_hardirq, st->arg_nmi,
+	       st->in_task_del);
 	printf("%s: created %llu create_fail %llu obj_fail %llu\n",
 	       name, st->created, st->create_fail, st->obj_fail);
 	printf("%s: task del ok %llu enoent %llu eopnotsupp %llu busy %llu other %llu (%lld)\n",

@@ -265,7 +265,11 @@ MUTANTS = [
         }""", "re-check"),
      [ENG], "no look at pending after the token is given back", "stranding"),
     ("m05", edit(ENG, """            self.started.fetch_add(1, Relaxed);
-            let batch = self.pending.del_all();""", """            let batch = self.pending.del_all();
+            let batch = self.pending.del_all();
+            #[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
+            T::after_take();""", """            let batch = self.pending.del_all();
+            #[cfg(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)]
+            T::after_take();
             self.started.fetch_add(1, Relaxed);""", "started before take"),
      [ENG], "started counted after the take, not before", "flush misses a batch"),
     ("m06", edit(ENG, """        self.completed.fetch_add(1, Release);

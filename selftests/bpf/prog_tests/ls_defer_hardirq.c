@@ -115,8 +115,8 @@ void serial_test_ls_defer_hardirq(void)
 	ASSERT_EQ(st->in_hardirq, st->runs, "timer program runs in hard interrupt context");
 	ASSERT_GT(st->task_del[LS_RC_OK], 0, "hardirq task storage deletes returned 0");
 	ASSERT_GT(st->created, 0, "hardirq re-created values");
-	ASSERT_EQ(st->task_del[LS_RC_EOPNOTSUPP] + st->cgrp_del[LS_RC_EOPNOTSUPP], 0,
-		  "hardirq delete refused");
+	/* What the test exists for: a hard interrupt delete inside a task one */
+	ASSERT_GT(st->in_task_del, 0, "timer landed in a task-context delete on its CPU");
 	ASSERT_EQ(st->task_del[LS_RC_OTHER] + st->cgrp_del[LS_RC_OTHER], 0,
 		  "hardirq delete: unexpected error");
 	ASSERT_GT(sys->task_del[LS_RC_OK], 0, "task context deletes returned 0");

@@ -66,6 +66,13 @@ int sys_churn_loops = 1;
 /* The cgroup SEC("syscall") fill creates storage for. */
 u64 fill_cgid;
 
+/*
+ * Per CPU: set while sys_churn_one() is inside its task storage delete, so
+ * that the interrupt programs count the runs that landed in the middle of one
+ * (in_task_del). Tracing programs run with migration disabled.
+ */
+volatile __u32 task_deleting[LS_DEFER_MAX_CPUS];
+
 struct ls_defer_stats nmi_st;	/* fentry on the NMI handler's hook */
 struct ls_defer_stats perf_st;	/* perf_event: NMI (hw) or hardirq (cpu-clock) */
 struct ls_defer_stats sys_st;	/* tp_btf/sys_enter, task context */
@@ -96,6 +103,8 @@ static __always_inline void irq_delete(struct ls_defer_stats *st, int arg_nmi)
 		__sync_fetch_and_add(&st->in_hardirq, 1);
 	if (arg_nmi)
 		__sync_fetch_and_add(&st->arg_nmi, 1);
+	if (task_deleting[bpf_get_smp_processor_id() & (LS_DEFER_MAX_CPUS - 1)])
+		__sync_fetch_and_add(&st->in_task_del, 1);
 
 	if (irq_victim) {
 		rc = bpf_task_storage_delete(&victim_map, task);
@@ -142,6 +151,7 @@ int perf_delete(void *ctx)
 static int sys_churn_one(__u32 i, void *data)
 {
 	struct task_struct *task = bpf_get_current_task_btf();
+	u32 cpu = bpf_get_smp_processor_id() & (LS_DEFER_MAX_CPUS - 1);
 	struct cgroup *cgrp;
 	long rc;
 
@@ -149,7 +159,9 @@ static int sys_churn_one(__u32 i, void *data)
 		ls_fill(&sys_st, bpf_task_storage_get(&victim_map, task, 0,
 						      BPF_LOCAL_STORAGE_GET_F_CREATE));
 
+	task_deleting[cpu] = 1;
 	rc = bpf_task_storage_delete(&task_map, task);
+	task_deleting[cpu] = 0;
 	ls_count(sys_st.task_del, &sys_st.other_err, rc);
 	ls_fill(&sys_st, bpf_task_storage_get(&task_map, task, 0,
 					      BPF_LOCAL_STORAGE_GET_F_CREATE));
