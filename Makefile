@@ -14,7 +14,7 @@
 #                           compare lint
 # Variables: ARCH=x86_64|arm64  KDIR=/path/to/linux  BASELINE=1
 #            SANITIZE=kasan  ACCEL=kvm|tcg  VM_TIMEOUT=secs  JOBS=n
-#            TESTS=test[,test]  SELFTESTS=0 (KUnit only)
+#            TESTS=test[,test]  SELFTESTS=0 (KUnit only)  VM_CPUS=n (2)
 #            TEST_MAPS=<map test>|all|0 (default: sk_storage_map)
 #            LSDEFER_CACHE=dir (default ~/.cache/lsdefer)
 
@@ -81,11 +81,18 @@ lint: setup tree
 
 # Our kernel, then the stock kernel (same config and harness, no overlay);
 # the comparison's line "N passed, N failed, N skipped" is the verdict.
+# A second boot of ours with HOTPLUG_CPUS vCPUs runs KUnit and the CPU hotplug
+# test there, several CPUs offline at a time; its counts join the verdict.
+HOTPLUG_CPUS = 4
 test: lint
 	@rc=0; \
 	$(MAKE) -s --no-print-directory vmtest ARCH=x86_64 BASELINE= || rc=1; \
+	$(MAKE) -s --no-print-directory vmtest ARCH=x86_64 BASELINE= VM_CPUS=$(HOTPLUG_CPUS) \
+		TESTS=ls_defer_hotplug || rc=1; \
 	$(MAKE) -s --no-print-directory vmtest ARCH=x86_64 BASELINE=1 || true; \
-	$(MAKE) -s --no-print-directory compare ARCH=x86_64 || rc=1; \
+	$(MAKE) -s --no-print-directory compare ARCH=x86_64 \
+		COMPARE_EXTRA="$(HOTPLUG_CPUS) vCPUs=$$(source $(S)/lib.sh; \
+			ARCH=x86_64 BASELINE= VM_CPUS=$(HOTPLUG_CPUS) out_dir)/results.json" || rc=1; \
 	exit $$rc
 
 # The seed patch's three bugs (selftests/broken/broken-{1,2,3}-*.patch), each
@@ -103,27 +110,19 @@ seed-bugs: setup
 	python3 $(S)/seed-bugs.py --ours "$$(BASELINE= BROKEN= out_dir)" "$${args[@]}"
 
 # Every mutant of selftests/broken/gen.py (or MUTANTS="id ..."), generated
-# against the current sources, then the real engine; scripts/mutants.py prints
-# which tests killed each. A hung guest is cut at MUTANT_TIMEOUT seconds.
-MUTANTS ?= $(shell python3 selftests/broken/gen.py --list mutant)
+# against the current sources, then the real engine (scripts/mutants.sh:
+# KUnit first, the selftests only for a mutant KUnit does not kill);
+# scripts/mutants.py prints which tests killed each. A hung guest is cut at
+# MUTANT_TIMEOUT seconds.
+MUTANTS ?=
 MUTANT_TIMEOUT ?= 900
 mutants: setup
-	@python3 selftests/broken/gen.py --check; \
-	for m in $(MUTANTS); do \
-		echo "==> mutant $$m"; \
-		$(MAKE) -s --no-print-directory vmtest BASELINE= BROKEN=$$m TESTS=$(SEED_TESTS) \
-			VM_TIMEOUT=$(MUTANT_TIMEOUT) || true; \
-	done; \
-	$(MAKE) -s --no-print-directory vmtest BASELINE= BROKEN= TESTS=$(SEED_TESTS) || true; \
-	$(LIB); args=(); \
-	for m in $(MUTANTS); do args+=(--mutant "$$m=$$(BASELINE= BROKEN=$$m out_dir)"); done; \
-	mkdir -p out; \
-	python3 $(S)/mutants.py --ours "$$(BASELINE= BROKEN= out_dir)" "$${args[@]}" \
-		--equivalent selftests/broken/EQUIVALENT.md --json out/mutants.json
+	@MUTANT_TIMEOUT=$(MUTANT_TIMEOUT) $(S)/mutants.sh $(MUTANTS)
 
 compare:
-	@$(LIB); python3 $(S)/compare.py --ours "$$(BASELINE= out_dir)/results.json" \
-		--base "$$(BASELINE=1 out_dir)/results.json"
+	@$(LIB); extra=(); [ -z "$(COMPARE_EXTRA)" ] || extra=(--extra "$(COMPARE_EXTRA)"); \
+	python3 $(S)/compare.py --ours "$$(BASELINE= VM_CPUS= out_dir)/results.json" \
+		--base "$$(BASELINE=1 VM_CPUS= out_dir)/results.json" "$${extra[@]}"
 
 clean:
 	rm -rf out

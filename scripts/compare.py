@@ -10,7 +10,9 @@ selftests) show "-" for stock; our new selftests are expected to fail on stock
 where they test what stock refuses (deletes from NMI programs).
 
 Ends with "N passed, N failed, N skipped" for OUR run, where each regression
-counts as one more failure.
+counts as one more failure; the runs of our kernel given with --extra (another
+guest shape, such as 4 vCPUs) add their counts, and a run that left no results
+counts as one failure.
 """
 
 import argparse
@@ -33,6 +35,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ours", required=True)
     ap.add_argument("--base", required=True)
+    ap.add_argument("--extra", action="append", default=[], metavar="LABEL=RESULTS",
+                    help="another run of our kernel whose counts add to the total")
     args = ap.parse_args()
 
     ours, orows = load(args.ours)
@@ -61,6 +65,22 @@ def main():
     failed += len(regressions) + len(infra)
     if regressions:
         print(f"  {len(regressions)} test(s) pass on stock and not on ours")
+    for extra in args.extra:
+        label, sep, path = extra.partition("=")
+        if not sep or not label or not path:
+            print(f"error: --extra {extra!r} is not LABEL=RESULTS", file=sys.stderr)
+            return 2
+        try:
+            data, _ = load(path)
+        except (OSError, ValueError) as e:
+            print(f"== ours, {label}: no results ({e})")
+            failed += 1
+            continue
+        print(f"== ours, {label}: {data['passed']} passed, {data['failed']} failed, "
+              f"{data['skipped']} skipped")
+        passed += data["passed"]
+        failed += data["failed"]
+        skipped += data["skipped"]
     print(f"{passed} passed, {failed} failed, {skipped} skipped")
     return 1 if failed else 0
 

@@ -153,5 +153,5 @@ kernel_version() {
 
 # Guest outputs of one run.
 out_dir() {
-	echo "${OUT:-$REPO/out}/$ARCH-$(flavour)${SANITIZE:+-$SANITIZE}${BROKEN:+-broken-$BROKEN}"
+	echo "${OUT:-$REPO/out}/$ARCH-$(flavour)${SANITIZE:+-$SANITIZE}${BROKEN:+-broken-$BROKEN}${VM_CPUS:+-${VM_CPUS}cpus}"
 }

@@ -96,7 +96,9 @@ if [ "$SANITIZE" = kasan ] && [ "$ARCH" = x86_64 ]; then
 	info "KASAN: booting with no5lvl (7.3's early-boot LA57 false report)"
 	cmdline+=" no5lvl"
 fi
-vngargs=(--run "$image" --verbose --cpus "${VM_CPUS:-2}" --memory "${VM_MEM:-2G}"
+cpus=${VM_CPUS:-2}
+[[ "$cpus" =~ ^[1-9][0-9]?$ ]] || die "VM_CPUS=$cpus is not a number of vCPUs (1-99)"
+vngargs=(--run "$image" --verbose --cpus "$cpus" --memory "${VM_MEM:-2G}"
 	--rwdir "$out" --cwd "$REPO"
 	--append "$cmdline")
 [ "$accel" = tcg ] && vngargs+=(--disable-kvm)

@@ -1,41 +1,57 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Take CPU 1 offline and back online, again and again, while task, hard
- * interrupt and NMI programs delete and re-create task and cgroup local
- * storage on both CPUs.
+ * Take CPUs offline and back online, again and again, several at a time when
+ * there are enough, while task, hard interrupt and NMI programs delete and
+ * re-create task and cgroup local storage on every CPU.
  *
  * Guards the engine's CPU hotplug handling: objects queued on a CPU that goes
- * down are still freed, each once. What CPU 1 queued while online has its
+ * down are still freed, each once. What a CPU queued while online has its
  * irq_work run as the CPU dies (smpcfd_dying_cpu()); a grace period in flight
- * for its batch completes, and chains for what followed, on CPU 0. Objects
- * left on its list with no irq_work queued are picked up by the engine's
- * cpuhp "dead" callback's kick while it is down, or by the "online" one's
- * once it is back, and a map free takes offline CPUs' lists too. Only a
- * producer that found its CPU not online leaves them so (the cpu_online()
- * check before irq_work_queue()): an NMI in a CPU's last or first moments,
- * which the NMIs here, each raised by a CPU on itself with preemption
- * disabled, never are; and CPU 1 is back online before the maps are freed.
- * Those windows are for the KUnit tests flush_and_cpu_hotplug and
+ * for its batch completes, and chains for what followed, on a CPU that is
+ * still online, which may be the next to go down. Objects left on its list
+ * with no irq_work queued are picked up by the engine's cpuhp "dead"
+ * callback's kick while it is down, or by the "online" one's once it is back,
+ * and a map free takes offline CPUs' lists too. Only a producer that found
+ * its CPU not online leaves them so (the cpu_online() check before
+ * irq_work_queue()): an NMI in a CPU's last or first moments, which the NMIs
+ * here, each raised by a CPU on itself with preemption disabled, never are;
+ * and every CPU is back online before the maps are freed. Those windows are
+ * for the KUnit tests flush_and_cpu_hotplug and
  * cpuhp_callbacks_kick_leftovers, which drive them directly. This is their
  * guest-level counterpart, with real programs, maps and CPU hotplug: the
- * callbacks run at every cycle, and nothing queued around them may be lost
- * or freed twice.
+ * callbacks run at every offline and online, and nothing queued around them
+ * may be lost or freed twice.
  *
- * Two worker threads pinned to each of CPU 0 and CPU 1 make getppid() calls,
+ * The CPUs of the test are CPU 0 and every other CPU below MAX_CPUS whose
+ * /sys/devices/system/cpu/cpuN/online is writable, all brought online at the
+ * start. WORKERS_PER_CPU worker threads pinned to each make getppid() calls,
  * whose tp_btf/sys_enter program deletes and re-creates the storage
  * LS_SYS_CHURN_LOOPS times in task context, and every few steps raise an NMI
  * on their own CPU through lsdefer_testmod, whose fentry program deletes and
- * re-creates it in NMI. A cpu-clock perf_event program does the same from
- * hard interrupt context (CPU 1's event is detached at its first offline and
- * not re-attached). A worker whose CPU went offline runs on CPU 0 until CPU 1
- * is back, then pins itself to it again. The test thread meanwhile writes 0
- * and 1 to CPU 1's online file, 30 to 100 ms apart, for RUN_SECS. The harness
- * boots 2 vCPUs, so only CPU 1 is toggled.
+ * re-creates it in NMI. A cpu-clock perf_event program on each does the same
+ * from hard interrupt context; perf detaches a CPU's event as the CPU goes
+ * offline, and the test attaches a new one each time it brings the CPU back.
+ * A worker whose CPU went offline runs on any online CPU until its CPU is
+ * back, then pins itself to it again.
+ *
+ * The test thread toggles every CPU of the test but CPU 0 for RUN_SECS, one
+ * write to an online file at a time, 30 to 100 ms apart. At each step it
+ * picks a CPU at random (rand_r(); the seed is printed, and LS_HOTPLUG_SEED
+ * replays the same choices) and takes it offline, or brings it back online
+ * if it was offline: a random walk over the number of CPUs offline, which
+ * keeps CPU 0 and one other online. With 2 CPUs, CPU 1 alone goes offline and
+ * back; with 3, one of CPUs 1 and 2 at a time; with 4 or more, several at the
+ * same time: the first time one is offline, another follows whatever the
+ * draw, and the test asserts that it happened. Every CPU is brought back
+ * online before the workers stop. Each CPU's offline cycles (offline, then
+ * back online) are printed; the test asserts on their total, since the walk
+ * need not pick every CPU. The harness boots 2 vCPUs unless VM_CPUS says
+ * otherwise.
  *
  * Every value holds a lsdefer_obj kptr; when the maps are freed, every object
  * created must have been destroyed exactly once, and every selem and storage
- * the test queued on the engine freed. Skipped without a CPU 1 that can go
- * offline, and on the stock kernel (no engine).
+ * the test queued on the engine freed. Skipped without a CPU other than CPU 0
+ * that can go offline, and on the stock kernel (no engine).
  */
 #define _GNU_SOURCE
 #include <test_progs.h>
@@ -44,11 +60,11 @@
 #include "ls_defer_irq.skel.h"
 
 #define CG_PATH			"/ls_defer_hotplug"
-#define CPU1_ONLINE		"/sys/devices/system/cpu/cpu1/online"
+#define CPU_ONLINE_FMT		"/sys/devices/system/cpu/cpu%d/online"
 #define WORKERS_PER_CPU		2
-#define NR_WORKERS		(2 * WORKERS_PER_CPU)
 #define MAX_CPUS		32
 #define RUN_SECS		6
+/* Most offline cycles (a CPU taken offline and back online), all CPUs */
 #define MAX_CYCLES		200
 #define GAP_MIN_MS		30
 #define GAP_MAX_MS		100
@@ -71,18 +87,47 @@ struct hotplug_ctx {
 	__u64 max_offline_ns, max_online_ns;
 };
 
+/* The test thread's: the CPUs it toggles, their timer events, its counts */
+struct hotplug_cpus {
+	struct hotplug_ctx *c;
+	struct bpf_program *perf_prog;
+	struct bpf_link *links[MAX_CPUS];	/* timer events, CPU 0's included */
+	bool toggled[MAX_CPUS];	/* can go offline; never CPU 0 */
+	bool off[MAX_CPUS];	/* offline now */
+	int cycles[MAX_CPUS];	/* times taken offline and brought back online */
+	int nr_toggled;
+	int nr_off;		/* offline now */
+	int max_off;		/* most offline at a time: nr_toggled - 1, at least 1 */
+	int most_off;		/* most that were */
+	int multi;		/* offlines while another CPU was offline */
+	int total_cycles;
+	unsigned int seed;
+};
+
 static void ctx_add(long *p, long v)
 {
 	__atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 
-/* 1 or 0: CPU 1's online file; -errno if it cannot be read */
-static int cpu1_state(void)
+/* CPU 0 and the toggled CPUs: workers and a timer event on each */
+static bool cpu_used(const struct hotplug_cpus *h, int cpu)
 {
-	char c = 0;
+	return !cpu || h->toggled[cpu];
+}
+
+static void online_path(char *buf, size_t len, int cpu)
+{
+	snprintf(buf, len, CPU_ONLINE_FMT, cpu);
+}
+
+/* 1 or 0: cpu's online file; -errno if it cannot be read */
+static int cpu_state(int cpu)
+{
+	char path[64], c = 0;
 	int fd, n;
 
-	fd = open(CPU1_ONLINE, O_RDONLY);
+	online_path(path, sizeof(path), cpu);
+	fd = open(path, O_RDONLY);
 	if (fd < 0)
 		return -errno;
 	n = read(fd, &c, 1);
@@ -93,18 +138,20 @@ static int cpu1_state(void)
 }
 
 /*
- * Writes val to CPU 1's online file; while it fails with -EBUSY (or -EAGAIN),
+ * Writes val to cpu's online file; while it fails with -EBUSY (or -EAGAIN),
  * counts it and retries for at most HOTPLUG_RETRY_MS. Returns the last error.
  */
-static int cpu1_set(struct hotplug_ctx *c, const char *val, __u64 *max_ns)
+static int cpu_set(struct hotplug_ctx *c, int cpu, const char *val, __u64 *max_ns)
 {
 	__u64 deadline = get_time_ns() + HOTPLUG_RETRY_MS * 1000000ULL;
 	__u64 t0, dt;
+	char path[64];
 	int err;
 
+	online_path(path, sizeof(path), cpu);
 	for (;;) {
 		t0 = get_time_ns();
-		err = ls_write_str(CPU1_ONLINE, val);
+		err = ls_write_str(path, val);
 		dt = get_time_ns() - t0;
 		if (max_ns && !err && dt > *max_ns)
 			*max_ns = dt;
@@ -117,15 +164,32 @@ static int cpu1_set(struct hotplug_ctx *c, const char *val, __u64 *max_ns)
 	}
 }
 
-/* Brings CPU 1 online (bounded retries); true once its online file says so */
-static bool cpu1_up(struct hotplug_ctx *c)
+/* Brings cpu online (bounded retries); true once its online file says so */
+static bool cpu_up(struct hotplug_ctx *c, int cpu)
 {
-	int err = cpu1_set(c, "1", NULL);
-	int state = cpu1_state();
+	int err = cpu_set(c, cpu, "1", NULL);
+	int state = cpu_state(cpu);
 
 	if (err || state != 1)
-		printf("%s: write 1 to %s: %d, online %d\n", __func__, CPU1_ONLINE, err, state);
+		printf("%s: write 1 to " CPU_ONLINE_FMT ": %d, online %d\n", __func__, cpu, err,
+		       state);
 	return !err && state == 1;
+}
+
+/* Every toggled CPU online; "CPU n online <when>" asserted for each */
+static bool cpus_up(struct hotplug_cpus *h, const char *when)
+{
+	char msg[64];
+	bool ok = true;
+	int cpu;
+
+	for (cpu = 1; cpu < MAX_CPUS; cpu++) {
+		if (!h->toggled[cpu])
+			continue;
+		snprintf(msg, sizeof(msg), "CPU %d online %s", cpu, when);
+		ok &= ASSERT_TRUE(cpu_up(h->c, cpu), msg);
+	}
+	return ok;
 }
 
 static unsigned int gap_us(unsigned int *seed)
@@ -133,10 +197,112 @@ static unsigned int gap_us(unsigned int *seed)
 	return (GAP_MIN_MS + rand_r(seed) % (GAP_MAX_MS - GAP_MIN_MS + 1)) * 1000;
 }
 
+/* A cpu-clock event on cpu: its fd, or -1 with errno set */
+static int perf_open(int cpu)
+{
+	struct perf_event_attr attr = {
+		.size = sizeof(attr),
+		.type = PERF_TYPE_SOFTWARE,
+		.config = PERF_COUNT_SW_CPU_CLOCK,
+		.sample_period = SAMPLE_PERIOD_NS,
+	};
+
+	return syscall(__NR_perf_event_open, &attr, -1, cpu, -1, PERF_FLAG_FD_CLOEXEC);
+}
+
+/* Replaces cpu's timer event by pfd (perf_open()'s) and attaches the program */
+static bool perf_attach(struct hotplug_cpus *h, int cpu, int pfd)
+{
+	char msg[64];
+
+	bpf_link__destroy(h->links[cpu]);
+	h->links[cpu] = NULL;
+	snprintf(msg, sizeof(msg), "cpu-clock perf event on CPU %d", cpu);
+	if (!ASSERT_OK_FD(pfd, msg))
+		return false;
+	h->links[cpu] = bpf_program__attach_perf_event(h->perf_prog, pfd);
+	if (!ASSERT_OK_PTR(h->links[cpu], "attach perf_event")) {
+		h->links[cpu] = NULL;
+		close(pfd);
+		return false;
+	}
+	return true;
+}
+
+/* A toggled CPU, chosen at random among those offline (off) or online */
+static int pick_cpu(struct hotplug_cpus *h, bool off)
+{
+	int cpu, n = 0, k;
+
+	for (cpu = 1; cpu < MAX_CPUS; cpu++)
+		n += h->toggled[cpu] && h->off[cpu] == off;
+	if (!n)
+		return -1;
+	k = rand_r(&h->seed) % n;
+	for (cpu = 1; cpu < MAX_CPUS; cpu++)
+		if (h->toggled[cpu] && h->off[cpu] == off && !k--)
+			return cpu;
+	return -1;
+}
+
+/*
+ * Brings cpu back online (up) or takes it offline, and counts it; a CPU
+ * back online gets a new timer event. False (asserted) if that failed.
+ */
+static bool cpu_toggle(struct hotplug_cpus *h, int cpu, bool up)
+{
+	struct hotplug_ctx *c = h->c;
+	char msg[64];
+	int err;
+
+	if (cpu < 0) {
+		printf("%s: no CPU %s\n", __func__, up ? "offline" : "online");
+		return false;
+	}
+	err = cpu_set(c, cpu, up ? "1" : "0", up ? &c->max_online_ns : &c->max_offline_ns);
+	snprintf(msg, sizeof(msg), "%s CPU %d %s", up ? "bring" : "take", cpu,
+		 up ? "back online (write 1)" : "offline (write 0)");
+	if (!ASSERT_OK(err, msg))
+		return false;
+	h->off[cpu] = !up;
+	if (!up) {
+		if (++h->nr_off > 1)
+			h->multi++;
+		if (h->nr_off > h->most_off)
+			h->most_off = h->nr_off;
+		return true;
+	}
+	h->nr_off--;
+	h->cycles[cpu]++;
+	h->total_cycles++;
+	return perf_attach(h, cpu, perf_open(cpu));
+}
+
+/*
+ * One step of the random walk: a toggled CPU chosen at random goes offline,
+ * or back online if it was offline. None offline: one goes; max_off offline:
+ * one comes back. Until two CPUs have been offline at the same time, a second
+ * one follows the first whatever the draw, if max_off allows it.
+ */
+static bool hotplug_walk(struct hotplug_cpus *h)
+{
+	bool up;
+
+	if (!h->nr_off)
+		up = false;
+	else if (h->nr_off >= h->max_off)
+		up = true;
+	else if (!h->multi)
+		up = false;
+	else
+		up = rand_r(&h->seed) % h->nr_toggled < h->nr_off;
+	return cpu_toggle(h, pick_cpu(h, up), up);
+}
+
 /*
  * One step of a worker: back onto its CPU if hotplug moved it away and the
  * CPU is online again; then a getppid() (tp_btf churn, task context) or an
- * NMI on the CPU it runs on (NMI churn). An NMI write may fail while CPU 1
+ * NMI on the CPU it runs on (NMI churn). An NMI write may fail while its CPU
  * goes down: counted, not an error.
  */
 static void hotplug_step(struct ls_worker *w)
@@ -170,13 +336,13 @@ static void hotplug_step(struct ls_worker *w)
 	}
 }
 
-/* Waits (at most WORKER_START_MS) until every worker has made a step */
-static bool workers_running(const struct ls_worker *w)
+/* Waits (at most WORKER_START_MS) until each of the nw workers has made a step */
+static bool workers_running(const struct ls_worker *w, int nw)
 {
 	__u64 deadline = get_time_ns() + WORKER_START_MS * 1000000ULL;
 	int i;
 
-	for (i = 0; i < NR_WORKERS; i++) {
+	for (i = 0; i < nw; i++) {
 		while (!__atomic_load_n(&w[i].iters, __ATOMIC_RELAXED)) {
 			if (get_time_ns() > deadline)
 				return false;
@@ -184,6 +350,16 @@ static bool workers_running(const struct ls_worker *w)
 		}
 	}
 	return true;
+}
+
+/* LS_HOTPLUG_SEED if set (to replay a run's choices), else from the clock */
+static unsigned int hotplug_seed(void)
+{
+	const char *s = getenv("LS_HOTPLUG_SEED");
+
+	if (s && *s)
+		return strtoul(s, NULL, 0);
+	return get_time_ns() ^ getpid();
 }
 
 static void print_engine(const char *when, const struct ls_engine *e)
@@ -194,25 +370,20 @@ static void print_engine(const char *when, const struct ls_engine *e)
 
 void serial_test_ls_defer_hotplug(void)
 {
-	struct perf_event_attr attr = {
-		.size = sizeof(attr),
-		.type = PERF_TYPE_SOFTWARE,
-		.config = PERF_COUNT_SW_CPU_CLOCK,
-		.sample_period = SAMPLE_PERIOD_NS,
-	};
-	struct bpf_link *links[MAX_CPUS] = {};
+	struct ls_worker w[MAX_CPUS * WORKERS_PER_CPU];
 	struct bpf_link *nmi_link = NULL, *sys_link = NULL;
 	struct ls_defer_stats *nmi, *perf, *sys;
 	struct ls_defer_irq *skel = NULL;
-	struct ls_worker w[NR_WORKERS];
 	struct ls_engine before, after;
 	struct hotplug_ctx c = {};
-	int nr_cpus, i, pfd, err, cycles = 0, cgroup_fd = -1;
-	unsigned int seed = 1;
+	struct hotplug_cpus h = { .c = &c };
+	int nr_cpus, cpu, i, pfd, err, nw = 0, cgroup_fd = -1;
+	char path[64];
 	struct ls_leak_ck ck;
 	__u64 deadline;
 	long long lost;
 	int stop = 0;
+	bool ok;
 
 	if (!lsdefer_ready())
 		return;
@@ -226,26 +397,31 @@ void serial_test_ls_defer_hotplug(void)
 		test__skip();
 		return;
 	}
-	if (access(CPU1_ONLINE, W_OK)) {
-		printf("%s:SKIP: %s missing or not writable (%d)\n", __func__, CPU1_ONLINE,
-		       -errno);
-		test__skip();
-		return;
-	}
-	/* From here on, every exit path brings CPU 1 back online */
-	if (!ASSERT_TRUE(cpu1_up(&c), "CPU 1 online at the start"))
-		return;
-	if (ls_nr_cpus() < 2) {
-		printf("%s:SKIP: needs 2 online CPUs, CPU 1 to take offline\n", __func__);
-		test__skip();
-		return;
-	}
-	memset(w, 0, sizeof(w));
 	nr_cpus = libbpf_num_possible_cpus();
 	if (!ASSERT_GE(nr_cpus, 2, "possible CPUs"))
-		goto out;
+		return;
 	if (nr_cpus > MAX_CPUS)
 		nr_cpus = MAX_CPUS;
+	for (cpu = 1; cpu < nr_cpus; cpu++) {
+		online_path(path, sizeof(path), cpu);
+		h.toggled[cpu] = !access(path, W_OK);
+		h.nr_toggled += h.toggled[cpu];
+	}
+	if (!h.nr_toggled) {
+		printf("%s:SKIP: no CPU but 0 can go offline (no writable cpuN/online, N < %d)\n",
+		       __func__, nr_cpus);
+		test__skip();
+		return;
+	}
+	/* From here on, every exit path brings every toggled CPU back online */
+	if (!cpus_up(&h, "at the start"))
+		return;
+	/* CPU 0 and one other stay online; with 2 CPUs, CPU 1 goes alone */
+	h.max_off = h.nr_toggled > 1 ? h.nr_toggled - 1 : 1;
+	h.seed = hotplug_seed();
+	printf("hotplug: %d CPUs, %d toggled, at most %d offline at a time, seed %u\n",
+	       h.nr_toggled + 1, h.nr_toggled, h.max_off, h.seed);
+	memset(w, 0, sizeof(w));
 
 	cgroup_fd = test__join_cgroup(CG_PATH);
 	if (!ASSERT_OK_FD(cgroup_fd, "join cgroup"))
@@ -265,27 +441,20 @@ void serial_test_ls_defer_hotplug(void)
 	skel->bss->irq_victim = true;
 	skel->bss->sys_churn = true;
 	skel->data->sys_churn_loops = LS_SYS_CHURN_LOOPS;
+	h.perf_prog = skel->progs.perf_delete;
 
-	/* Every possible CPU; CPUs 0 and 1 are online now and must work */
-	for (i = 0; i < nr_cpus; i++) {
-		pfd = syscall(__NR_perf_event_open, &attr, -1, i, -1, PERF_FLAG_FD_CLOEXEC);
-		if (pfd < 0) {
-			if (i == 0) {
-				printf("%s:SKIP: no cpu-clock perf event (%d)\n", __func__, -errno);
-				test__skip();
-				goto out;
-			}
-			/* a CPU above 1 may be offline */
-			if (i == 1 && !ASSERT_OK_FD(pfd, "cpu-clock perf event on CPU 1"))
-				goto out;
+	/* Every CPU of the test is online now and must take an event */
+	for (cpu = 0; cpu < nr_cpus; cpu++) {
+		if (!cpu_used(&h, cpu))
 			continue;
-		}
-		links[i] = bpf_program__attach_perf_event(skel->progs.perf_delete, pfd);
-		if (!ASSERT_OK_PTR(links[i], "attach perf_event")) {
-			links[i] = NULL;
-			close(pfd);
+		pfd = perf_open(cpu);
+		if (pfd < 0 && !cpu) {
+			printf("%s:SKIP: no cpu-clock perf event (%d)\n", __func__, -errno);
+			test__skip();
 			goto out;
 		}
+		if (!perf_attach(&h, cpu, pfd))
+			goto out;
 	}
 	nmi_link = bpf_program__attach(skel->progs.nmi_delete);
 	if (!ASSERT_OK_PTR(nmi_link, "attach fentry/bpf_lsdefer_nmi_target"))
@@ -294,32 +463,32 @@ void serial_test_ls_defer_hotplug(void)
 	if (!ASSERT_OK_PTR(sys_link, "attach tp_btf/sys_enter"))
 		goto out;
 
-	err = ls_workers_start(w, WORKERS_PER_CPU, hotplug_step, &c, &stop, 1);
-	err = err ?: ls_workers_start(w + WORKERS_PER_CPU, WORKERS_PER_CPU, hotplug_step, &c,
-				      &stop, 0);
+	for (cpu = 0, err = 0; cpu < nr_cpus && !err; cpu++) {
+		if (!cpu_used(&h, cpu))
+			continue;
+		err = ls_workers_start(w + nw, WORKERS_PER_CPU, hotplug_step, &c, &stop, cpu);
+		nw += WORKERS_PER_CPU;
+	}
 	if (!ASSERT_OK(err, "start workers"))
 		goto out;
-	/* each pinned itself (CPU 1 must still be online for that) and ran */
-	if (!ASSERT_TRUE(workers_running(w), "workers running within 10 s"))
+	/* each pinned itself (every CPU must still be online for that) and ran */
+	if (!ASSERT_TRUE(workers_running(w, nw), "workers running within 10 s"))
 		goto out;
 
 	deadline = get_time_ns() + RUN_SECS * 1000000000ULL;
-	while (cycles < MAX_CYCLES && get_time_ns() < deadline) {
-		err = cpu1_set(&c, "0", &c.max_offline_ns);
-		if (!ASSERT_OK(err, "take CPU 1 offline (write 0)"))
-			break;
-		usleep(gap_us(&seed));
-		err = cpu1_set(&c, "1", &c.max_online_ns);
-		if (!ASSERT_OK(err, "bring CPU 1 back online (write 1)"))
-			break;
-		cycles++;
-		usleep(gap_us(&seed));
+	ok = true;
+	while (ok && h.total_cycles < MAX_CYCLES && get_time_ns() < deadline) {
+		ok = hotplug_walk(&h);
+		usleep(gap_us(&h.seed));
 	}
+	/* Every CPU back online while the workers still run: each step ends one */
+	while (ok && h.nr_off)
+		ok = cpu_toggle(&h, pick_cpu(&h, true), true);
 
-	ASSERT_OK(ls_workers_stop(w, NR_WORKERS, &stop), "worker NMI writes and pinning");
-	for (i = 0; i < nr_cpus; i++) {
-		bpf_link__destroy(links[i]);
-		links[i] = NULL;
+	ASSERT_OK(ls_workers_stop(w, nw, &stop), "worker NMI writes and pinning");
+	for (cpu = 0; cpu < nr_cpus; cpu++) {
+		bpf_link__destroy(h.links[cpu]);
+		h.links[cpu] = NULL;
 	}
 	bpf_link__destroy(nmi_link);
 	nmi_link = NULL;
@@ -328,17 +497,26 @@ void serial_test_ls_defer_hotplug(void)
 
 	lost = lsdefer_cnt(LSDEFER_CNT_NMI_LOST) - ck.s.v[LSDEFER_CNT_NMI_LOST];
 	printf("hotplug: cycles %d busy %ld longest offline %llu ms online %llu ms\n",
-	       cycles, c.busy, c.max_offline_ns / 1000000, c.max_online_ns / 1000000);
+	       h.total_cycles, c.busy, c.max_offline_ns / 1000000, c.max_online_ns / 1000000);
+	printf("hotplug: most offline at once %d, offlines while another CPU was offline %d\n",
+	       h.most_off, h.multi);
+	for (cpu = 1; cpu < nr_cpus; cpu++)
+		if (h.toggled[cpu])
+			printf("hotplug: CPU %d: %d offline cycles\n", cpu, h.cycles[cpu]);
 	printf("workers: nmi writes ok %ld failed %ld (last %ld) lost %lld repins %ld\n",
 	       c.nmi_ok, c.nmi_err, c.nmi_last_err, lost, c.repins);
-	for (i = 0; i < NR_WORKERS; i++)
+	for (i = 0; i < nw; i++)
 		printf("worker %d (CPU %d): %lu steps\n", i, w[i].cpu, w[i].iters);
 	ls_print_stats("nmi", nmi);
 	ls_print_stats("perf", perf);
 	ls_print_stats("tp_btf", sys);
 
-	ASSERT_GT(cycles, 0, "CPU 1 went offline and online");
-	for (i = 0; i < NR_WORKERS; i++)
+	/* Totals over every toggled CPU: the walk need not pick each one */
+	ASSERT_GT(h.total_cycles, 0, "a CPU went offline and back online");
+	/* max_off >= 2: 4 CPUs or more in the test, CPU 0 and 3 that can go offline */
+	if (h.max_off >= 2)
+		ASSERT_GT(h.multi, 0, "two CPUs or more offline at the same time");
+	for (i = 0; i < nw; i++)
 		if (!ASSERT_GT(w[i].iters, 0, "worker ran"))
 			break;
 	ASSERT_GT(nmi->in_nmi, 0, "NMI program runs in NMI");
@@ -351,12 +529,12 @@ void serial_test_ls_defer_hotplug(void)
 	ls_check_no_refusal(perf, "hardirq");
 	ls_check_no_refusal(sys, "tp_btf");
 out:
-	ls_workers_stop(w, NR_WORKERS, &stop);
-	ASSERT_TRUE(cpu1_up(&c), "CPU 1 online at the end");
+	ls_workers_stop(w, ARRAY_SIZE(w), &stop);
+	cpus_up(&h, "at the end");
 	bpf_link__destroy(sys_link);
 	bpf_link__destroy(nmi_link);
-	for (i = 0; i < ARRAY_SIZE(links); i++)
-		bpf_link__destroy(links[i]);
+	for (i = 0; i < ARRAY_SIZE(h.links); i++)
+		bpf_link__destroy(h.links[i]);
 	if (skel) {
 		ls_defer_irq__destroy(skel);
 		/* objects destroyed once, selems freed, storages freed by the chain */

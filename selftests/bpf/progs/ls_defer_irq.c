@@ -71,7 +71,7 @@ u64 fill_cgid;
  * that the interrupt programs count the runs that landed in the middle of one
  * (in_task_del). Tracing programs run with migration disabled.
  */
-volatile __u32 task_deleting[LS_DEFER_MAX_CPUS];
+__u32 task_deleting[LS_DEFER_MAX_CPUS];
 
 struct ls_defer_stats nmi_st;	/* fentry on the NMI handler's hook */
 struct ls_defer_stats perf_st;	/* perf_event: NMI (hw) or hardirq (cpu-clock) */
@@ -159,9 +159,9 @@ static int sys_churn_one(__u32 i, void *data)
 		ls_fill(&sys_st, bpf_task_storage_get(&victim_map, task, 0,
 						      BPF_LOCAL_STORAGE_GET_F_CREATE));
 
-	task_deleting[cpu] = 1;
+	__sync_fetch_and_add(&task_deleting[cpu], 1);
 	rc = bpf_task_storage_delete(&task_map, task);
-	task_deleting[cpu] = 0;
+	__sync_fetch_and_add(&task_deleting[cpu], -1);
 	ls_count(sys_st.task_del, &sys_st.other_err, rc);
 	ls_fill(&sys_st, bpf_task_storage_get(&task_map, task, 0,
 					      BPF_LOCAL_STORAGE_GET_F_CREATE));

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: GPL-2.0
+#
+# make mutants: every mutant of selftests/broken/gen.py (or the ids given),
+# each built, booted and tested, then the real engine; scripts/mutants.py
+# tabulates which tests killed each one (out/mutants.json).
+#
+# A mutant runs KUnit first (make vmtest SELFTESTS=0); only one that KUnit
+# does not kill goes on to a second boot with KUnit and the ls_defer_*
+# selftests. A hung guest is cut at MUTANT_TIMEOUT seconds (default 900).
+#
+# Usage: scripts/mutants.sh [ID...]
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+
+timeout=${MUTANT_TIMEOUT:-900}
+[[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "MUTANT_TIMEOUT=$timeout is not a number of seconds"
+
+gen=(python3 "$REPO/selftests/broken/gen.py")
+all=$("${gen[@]}" --list mutant)
+if [ $# -eq 0 ]; then
+	read -r -a ids <<<"$all"
+else
+	ids=("$@")
+	for m in "${ids[@]}"; do
+		[[ " $all " == *" $m "* ]] || die "unknown mutant '$m' (known: $all)"
+	done
+fi
+"${gen[@]}" --check
+
+# The new selftests, comma-separated, as make seed-bugs runs them.
+tests=$(grep -v '^#' "$REPO/selftests/lsdefer.tests" | grep . | paste -sd, -)
+
+vmtest() {
+	make -C "$REPO" -s --no-print-directory vmtest BASELINE= TESTS="$tests" \
+		VM_TIMEOUT="$timeout" "$@" || true
+}
+
+# Whether the run in out dir $1 left results with a failure in them.
+failed() {
+	python3 -c 'import json, sys
+d = json.load(open(sys.argv[1]))
+sys.exit(0 if d.get("failed", 0) > 0 else 1)' "$1/results.json" 2>/dev/null
+}
+
+args=()
+for m in "${ids[@]}"; do
+	start=$(date +%s)
+	out=$(BASELINE='' BROKEN=$m out_dir)
+	info "mutant $m: KUnit"
+	vmtest BROKEN="$m" SELFTESTS=0
+	if failed "$out"; then
+		stage=KUnit
+	else
+		info "mutant $m: KUnit did not kill it; KUnit and the selftests"
+		vmtest BROKEN="$m"
+		stage=selftests
+	fi
+	info "mutant $m: done in $(($(date +%s) - start))s (last stage: $stage)"
+	args+=(--mutant "$m=$out")
+done
+
+info "the real engine"
+vmtest BROKEN=
+mkdir -p "$REPO/out"
+python3 "$REPO/scripts/mutants.py" --ours "$(BASELINE='' BROKEN='' out_dir)" "${args[@]}" \
+	--equivalent "$REPO/selftests/broken/EQUIVALENT.md" --json "$REPO/out/mutants.json"
