@@ -109,9 +109,10 @@ seed-bugs: setup
 	for n in 1 2 3; do args+=(--broken "$$n=$$(BASELINE= BROKEN=$$n out_dir)"); done; \
 	python3 $(S)/seed-bugs.py --ours "$$(BASELINE= BROKEN= out_dir)" "$${args[@]}"
 
-# Every mutant of selftests/broken/gen.py (or MUTANTS="id ..."), generated
-# against the current sources, then the real engine (scripts/mutants.sh:
-# KUnit first, the selftests only for a mutant KUnit does not kill);
+# Every variant of selftests/broken/gen.py, seed bugs and mutants (or
+# MUTANTS="id ..."), generated against the current sources, then the real
+# engine (scripts/mutants.sh: KUnit first for the Rust ones, the selftests for
+# the C ones and for what KUnit does not kill);
 # scripts/mutants.py prints which tests killed each. A hung guest is cut at
 # MUTANT_TIMEOUT seconds.
 MUTANTS ?=

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
 #
-# make mutants: every mutant of selftests/broken/gen.py (or the ids given),
-# each built, booted and tested, then the real engine; scripts/mutants.py
-# tabulates which tests killed each one (out/mutants.json).
+# make mutants: every variant of selftests/broken/gen.py, the seed patch's
+# bugs and the engine mutants (or the ids given), each built, booted and
+# tested, then the real engine; scripts/mutants.py tabulates which tests
+# killed each one (out/mutants.json).
 #
-# A mutant runs KUnit first (make vmtest SELFTESTS=0); only one that KUnit
-# does not kill goes on to a second boot with KUnit and the ls_defer_*
-# selftests. A hung guest is cut at MUTANT_TIMEOUT seconds (default 900).
+# A variant of the Rust engine or its helpers runs KUnit first (make vmtest
+# SELFTESTS=0); only one that KUnit does not kill goes on to a second boot
+# with KUnit and the ls_defer_* selftests, which is the only boot of a C
+# variant (KUnit does not see the C wiring). A hung guest is cut at
+# MUTANT_TIMEOUT seconds (default 900).
 #
 # Usage: scripts/mutants.sh [ID...]
 set -euo pipefail
@@ -17,7 +20,8 @@ timeout=${MUTANT_TIMEOUT:-900}
 [[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "MUTANT_TIMEOUT=$timeout is not a number of seconds"
 
 gen=(python3 "$REPO/selftests/broken/gen.py")
-all=$("${gen[@]}" --list mutant)
+all=$("${gen[@]}" --list all)
+engine=$("${gen[@]}" --list engine)
 if [ $# -eq 0 ]; then
 	read -r -a ids <<<"$all"
 else
@@ -47,14 +51,15 @@ args=()
 for m in "${ids[@]}"; do
 	start=$(date +%s)
 	out=$(BASELINE='' BROKEN=$m out_dir)
-	info "mutant $m: KUnit"
-	vmtest BROKEN="$m" SELFTESTS=0
-	if failed "$out"; then
-		stage=KUnit
-	else
-		info "mutant $m: KUnit did not kill it; KUnit and the selftests"
+	stage=selftests
+	if [[ " $engine " == *" $m "* ]]; then
+		info "mutant $m: KUnit"
+		vmtest BROKEN="$m" SELFTESTS=0
+		failed "$out" && stage=KUnit
+	fi
+	if [ "$stage" = selftests ]; then
+		info "mutant $m: KUnit and the selftests"
 		vmtest BROKEN="$m"
-		stage=selftests
 	fi
 	info "mutant $m: done in $(($(date +%s) - start))s (last stage: $stage)"
 	args+=(--mutant "$m=$out")

@@ -455,12 +455,17 @@ def render(tmp, variant):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pristine", default=None)
-    ap.add_argument("--list", choices=("all", "seed", "mutant"),
-                    help="print the variant ids of this kind and exit")
+    ap.add_argument("--list", choices=("all", "seed", "mutant", "engine"),
+                    help="print the variant ids of this kind and exit (engine: those that "
+                    "change the Rust engine or its helpers, which KUnit can see)")
     ap.add_argument("--check", action="store_true",
                     help="fail if a committed patch differs from what would be generated")
     args = ap.parse_args()
     variants = all_variants()
+    if args.list == "engine":
+        print(" ".join(v[0] for v in variants
+                       if any(p.startswith("rust/") or p.endswith(".rs") for p in v[3])))
+        return 0
     if args.list:
         print(" ".join(v[0] for v in variants if args.list in ("all", v[6])))
         return 0
