@@ -8,7 +8,8 @@ prints one row per mutant: the tests that failed on it (KUnit cases, test_progs
 tests, dmesg splats, a guest that did not finish) or SURVIVED. A failure only
 counts when the same test passed on the real engine. Writes the table as JSON
 to --json if given. Fails if the real engine fails, if a run left no results,
-or if a mutant survived without an entry in the equivalence file.
+if a mutant survived without an entry in the equivalence file, or if
+a variant's run passed nothing at all (it did not build or boot: NOT RUN).
 
 Usage: mutants.py --ours DIR --mutant ID=DIR [...] [--equivalent FILE] [--json OUT]
 """
@@ -88,6 +89,11 @@ def main():
         data = load(outdir)
         if data is None:
             verdict, killers = "NO RESULTS", []
+            bad += 1
+        elif data.get("passed", 0) == 0:
+            # Nothing passed: the variant did not build or boot (a broken
+            # edit), which says nothing about the tests.
+            verdict, killers = "NOT RUN", [f for f in failures(data) if f not in base_fail][:2]
             bad += 1
         else:
             killers = [f for f in failures(data) if f not in base_fail]

@@ -323,8 +323,12 @@ MUTANTS = [
                  "if was_empty && (core::hint::black_box(true) || percpu::cpu_online(cpu)) {",
                  "queue online check"),
      [ENG], "producers queue the irq_work on a CPU that is not online", "hotplug"),
-    ("m18", edit(ENG, "                unsafe { self.rcu.call_rcu_tasks_trace() };",
-                 "                <Self as RcuTasksTraceCallback>::run(self);",
+    ("m18", edit(ENG, """                // SAFETY: We own the token, so `rcu` is not queued, and it stays ours until the
+                // callback gives the token back. `self` lives until the engine is dropped, which
+                // waits for callbacks with `rcu_barrier_tasks_trace()`.
+                unsafe { self.rcu.call_rcu_tasks_trace() };""",
+                 """                // No grace period: run the callback's first step right away.
+                <Self as RcuTasksTraceCallback>::run(self);""",
                  "grace period"),
      [ENG], "batches are freed without a grace period", "early free"),
     ("m19", edit(LSC, "\tif (in_nmi() && !bpf_local_storage_defer_ready())\n",
