@@ -116,7 +116,7 @@ seed-bugs: setup
 # scripts/mutants.py prints which tests killed each. A hung guest is cut at
 # MUTANT_TIMEOUT seconds.
 MUTANTS ?=
-MUTANT_TIMEOUT ?= 900
+MUTANT_TIMEOUT ?= 400
 mutants: setup
 	@MUTANT_TIMEOUT=$(MUTANT_TIMEOUT) $(S)/mutants.sh $(MUTANTS)
 

@@ -10,13 +10,14 @@
 # SELFTESTS=0); only one that KUnit does not kill goes on to a second boot
 # with KUnit and the ls_defer_* selftests, which is the only boot of a C
 # variant (KUnit does not see the C wiring). A hung guest is cut at
-# MUTANT_TIMEOUT seconds (default 900).
+# MUTANT_TIMEOUT seconds (default 400; a variant's guest
+# normally takes about 125 s).
 #
 # Usage: scripts/mutants.sh [ID...]
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
-timeout=${MUTANT_TIMEOUT:-900}
+timeout=${MUTANT_TIMEOUT:-400}
 [[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "MUTANT_TIMEOUT=$timeout is not a number of seconds"
 
 gen=(python3 "$REPO/selftests/broken/gen.py")
