@@ -2424,6 +2424,25 @@ mod tests {
         Ok(h)
     }
 
+    /// Tells `h`'s reader that the test flushes, flushes `engine` (bounded) and closes it.
+    /// Returns the objects freed right when the flush returned, the engine's `flushed` count,
+    /// and whether the reader finished; fails if the flush or the close gave up.
+    fn flush_under_reader(
+        h: &FlushReader,
+        engine: Pin<KBox<Engine<TestObj>>>,
+    ) -> Result<(usize, usize, bool)> {
+        h.flushing.store(true, Release);
+        let returned = flush_bounded(&engine);
+        // Read right after flush() returned.
+        let freed = h.pool.freed();
+        let done = wait_until(|| h.done.load(Acquire), 10_000);
+        let flushed = engine.total_stats().flushed;
+        if !close_after(returned, engine) {
+            return Err(ETIMEDOUT);
+        }
+        Ok((freed, flushed, done))
+    }
+
     /// Guards: a flush frees what it took from the lists only after a grace period that
     /// started after the take. A reader that found the second object before it was queued
     /// sleeps in its read-side critical section while the test flushes; the first object holds
@@ -2441,15 +2460,8 @@ mod tests {
         let first_gp = wait_until(|| engine.stats(cpu).unwrap_or_default().gps == 1, 5_000);
         queue(&engine, h.pool.obj(1).ok_or(EINVAL)?);
         drop(pin);
-        h.flushing.store(true, Release);
-        let returned = flush_bounded(&engine);
-        let freed = h.pool.freed();
-        let done = wait_until(|| h.done.load(Acquire), 10_000);
-        let flushed = engine.total_stats().flushed;
-        let closed = close_after(returned, engine);
+        let (freed, flushed, done) = flush_under_reader(&h, engine)?;
 
-        assert!(returned);
-        assert!(closed);
         assert!(reading);
         assert!(first_gp);
         assert!(done);
@@ -2478,16 +2490,7 @@ mod tests {
         queue(&engine, h.pool.obj(0).ok_or(EINVAL)?);
         let in_flight = wait_until(|| engine.stats(cpu).unwrap_or_default().gps == 1, 5_000);
         drop(pin);
-        h.flushing.store(true, Release);
-        let returned = flush_bounded(&engine);
-        // Read right after flush() returned.
-        let freed = h.pool.freed();
-        let done = wait_until(|| h.done.load(Acquire), 10_000);
-        let flushed = engine.total_stats().flushed;
-        let closed = close_after(returned, engine);
-
-        assert!(returned);
-        assert!(closed);
+        let (freed, flushed, done) = flush_under_reader(&h, engine)?;
 
         assert!(reading);
         assert!(in_flight);
