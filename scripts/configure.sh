@@ -2,8 +2,9 @@
 # SPDX-License-Identifier: GPL-2.0
 #
 # Configure the build dir (O=) for the harness tree:
-#   defconfig + virtme-ng's guest fragment + the fragments of config_fragments
-#   (scripts/lib.sh), later ones winning, then olddefconfig.
+#   a base (config_base_targets in scripts/lib.sh: defconfig; on arm64
+#   defconfig then mod2noconfig) + virtme-ng's guest fragment + the fragments
+#   of config_fragments, later ones winning, then olddefconfig.
 # Then check that every option requested survived in .config: Kconfig drops
 # options silently when a dependency is missing (CONFIG_RUST with
 # MODVERSIONS on, for one). Any loss is fatal.
@@ -32,13 +33,18 @@ vngarch=$ARCH
 "$VNG_VENV/bin/virtme-configkernel" --arch "$vngarch" --defconfig --dry-run >"$vngfrag" ||
 	die "virtme-configkernel --dry-run failed"
 
+read -ra base <<<"$(config_base_targets)"
 stamp=$obj/.lsdefer-config-inputs
-want=$(cat "$vngfrag" "${frags[@]}" | sha256sum)
+# (defconfig alone is not named: the stamps of existing build dirs stay valid)
+want=$({
+	[ "${base[*]}" = defconfig ] || echo "base: ${base[*]}"
+	cat "$vngfrag" "${frags[@]}"
+} | sha256sum)
 if [ -f "$obj/.config" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 	info "config of $obj is up to date"
 else
 	info "configuring $obj"
-	make -s -C "$tree" O="$obj" "${mk[@]}" defconfig >/dev/null
+	make -s -C "$tree" O="$obj" "${mk[@]}" "${base[@]}" >/dev/null
 	{
 		echo
 		cat "$vngfrag"

@@ -24,6 +24,22 @@ RUST_SRC_SHA256=7b76db5b880a77f9e52975d2baa6209d2f76d2c9c2789515c3088cb960e2c83b
 BINDGEN_VER=0.72.1
 VNG_VER=1.42
 LLVM_VER=19
+# arm64 user space for the guest and the cross-built selftests: Debian
+# bookworm arm64 packages, "name version sha256" (apt-get download through a
+# private apt state for arm64, sha256-checked, dpkg -x into ARM64_SYSROOT).
+# libssl: the selftests build sign-file and a target bpftool, which link
+# libcrypto. busybox-static: the guest's shell and tools.
+ARM64_DEBS=(
+	"libelf-dev 0.188-2.1 fe16ede10e1b80a2f882f0e83c52695e77280c61eebe7106f016d4025e82399b"
+	"libelf1 0.188-2.1 32971952d8f5d563447bf275f24e26057500924da2d855c1edb53b0f0400bd11"
+	"zlib1g-dev 1:1.2.13.dfsg-1 afb60f0bae432f2f0edfe2d674e99c1a13a147c9aa2b52f2f23e3df19ece76f5"
+	"zlib1g 1:1.2.13.dfsg-1 52b8b8a145bbe1956bba82034f77022cbef0c3d0885c9e32d9817a7932fe1913"
+	"libzstd-dev 1.5.4+dfsg2-5+deb12u1 2dc8d2578567d2bd5aea37236f52c75fbaf8adb3f8836dc5d67cad8c565b5cd3"
+	"libzstd1 1.5.4+dfsg2-5+deb12u1 2032e10b4dd01ec97d157aa1f6474efd6320bb70c6a7cae003e1b8eba3b566f8"
+	"libssl-dev 3.0.22-1~deb12u2 d141686eacc7e271630bf9032cd19cebe984b6864e59c02ac85554ff62941d00"
+	"libssl3 3.0.22-1~deb12u2 3d04ecd8d0f57fed50d205abaeedfcc84c1960073ea085719c00add44b0ccd7f"
+	"busybox-static 1:1.35.0-4+deb12u1+b1 732c9135564fc71337e0e05fb4da4d11e6c28c1834bce3e405e575afef2a52f5"
+)
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${LSDEFER_CACHE:-$HOME/.cache/lsdefer}
@@ -35,6 +51,9 @@ TOOLS=$CACHE/tools
 RUST_LIB_SRC=$TOOLS/rust-src-$RUST_SRC_VER/usr/lib/rustlib/src/rust/library
 BINDGEN_DIR=$TOOLS/bindgen-$BINDGEN_VER/bin
 VNG_VENV=$TOOLS/vng-$VNG_VER
+# Keyed by the pinned list: a changed pin unpacks a fresh sysroot.
+ARM64_SYSROOT=$TOOLS/arm64-sysroot-$(printf '%s\n' "${ARM64_DEBS[@]}" | sha256sum | cut -c1-12)
+ARM64_LIBDIR=$ARM64_SYSROOT/usr/lib/aarch64-linux-gnu
 export RUST_LIB_SRC
 export LIBCLANG_PATH=/usr/lib/llvm-$LLVM_VER/lib
 export PATH=$BINDGEN_DIR:$VNG_VENV/bin:$HOME/.cargo/bin:$PATH
@@ -112,6 +131,17 @@ tree_dir() {
 	echo "$CACHE/trees/$(src_id)-$(flavour)"
 }
 
+# make targets that give the base .config, before the fragments: arm64's
+# defconfig builds every SoC platform's drivers, hundreds of them as modules;
+# mod2noconfig turns every module off (the fragments turn back on the few
+# they ask for as =m), and qemu/config.arm64 turns the platforms off.
+config_base_targets() {
+	case "$ARCH" in
+	arm64) echo defconfig mod2noconfig ;;
+	*) echo defconfig ;;
+	esac
+}
+
 # Fragments that make up the kernel config, in merge order (later wins).
 config_fragments() {
 	local t
@@ -149,6 +179,48 @@ build_dir() {
 
 kernel_version() {
 	make -s -C "$1" kernelversion 2>/dev/null
+}
+
+# vCPUs of the guest (VM_CPUS, default 2), checked.
+vm_cpus() {
+	local cpus=${VM_CPUS:-2}
+	[[ "$cpus" =~ ^[1-9][0-9]?$ ]] || die "VM_CPUS=$cpus is not a number of vCPUs (1-99)"
+	echo "$cpus"
+}
+
+# write_guest_env OUT OBJ: when the selftests are built in OBJ (and not
+# SELFTESTS=0), write OUT/guest.env for scripts/guest/run-tests.sh: the
+# local-storage tests and ours (TESTS= replaces the list), test_maps' test,
+# our test modules. Says what it chose.
+write_guest_env() {
+	local out=$1 obj=$2 allow kmods maps
+	local -a lists=("$REPO/selftests/local-storage.tests" "$REPO/selftests/lsdefer.tests")
+	[ "${SELFTESTS:-1}" != 0 ] || return 0
+	if [ ! -x "$obj/test_progs" ]; then
+		info "selftests not built ($obj/test_progs missing): KUnit only"
+		return 0
+	fi
+	allow=${TESTS:-$(cat "${lists[@]}" 2>/dev/null | grep -v '^#' | grep . | paste -sd, -)}
+	kmods=$(find "$obj/lsdefer-kmod" -name '*.ko' 2>/dev/null | sort | tr '\n' ' ')
+	# test_maps: its local storage test by default; none when TESTS picks tests
+	if [ -n "${TESTS:-}" ]; then
+		maps=${TEST_MAPS:-0}
+	else
+		maps=${TEST_MAPS:-sk_storage_map}
+	fi
+	cat >"$out/guest.env" <<-ENV
+		SELFTESTS_DIR=$obj
+		TEST_PROGS_ALLOW=$allow
+		TEST_MAPS=$maps
+		KMODS="$kmods"
+	ENV
+	info "selftests: test_progs -a $allow${kmods:+ (modules: $kmods)}"
+}
+
+# last_kernel_lines OUT: a guest that did not finish: where it stood.
+last_kernel_lines() {
+	echo "last kernel lines of $1/console.log:" >&2
+	grep -E '^\[ *[0-9]+\.[0-9]+\]' "$1/console.log" | tail -n 25 | sed 's/^/    /' >&2 || true
 }
 
 # Guest outputs of one run.

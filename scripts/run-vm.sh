@@ -19,7 +19,7 @@ set -euo pipefail
 # A guest starved by a build on the 2 host cores can hit RCU-stall or
 # soft-lockup reports: boots take the harness lock too.
 [ "${LSDEFER_LOCKED:-}" = 1 ] || exec "$REPO/scripts/locked.sh" "$0" "$@"
-# arm64 guests boot without vng, KUnit only: scripts/run-vm-arm64.sh.
+# arm64 guests boot without vng: scripts/run-vm-arm64.sh.
 [ "$ARCH" != arm64 ] || exec "$REPO/scripts/run-vm-arm64.sh" "$@"
 
 obj=$(build_dir)
@@ -62,27 +62,7 @@ mkdir -p "$out"
 # refuses: make compare only counts a test that passes on stock and not on
 # ours); TESTS= replaces the list.
 # test_progs and its BPF objects are in the build dir (the selftests' O=).
-st=$obj
-if [ "${SELFTESTS:-1}" != 0 ] && [ -x "$st/test_progs" ]; then
-	lists=("$REPO/selftests/local-storage.tests" "$REPO/selftests/lsdefer.tests")
-	allow=${TESTS:-$(cat "${lists[@]}" 2>/dev/null | grep -v '^#' | grep . | paste -sd, -)}
-	kmods=$(find "$obj/lsdefer-kmod" -name '*.ko' 2>/dev/null | sort | tr '\n' ' ')
-	# test_maps: its local storage test by default; none when TESTS picks tests
-	if [ -n "${TESTS:-}" ]; then
-		maps=${TEST_MAPS:-0}
-	else
-		maps=${TEST_MAPS:-sk_storage_map}
-	fi
-	cat >"$out/guest.env" <<-ENV
-		SELFTESTS_DIR=$st
-		TEST_PROGS_ALLOW=$allow
-		TEST_MAPS=$maps
-		KMODS="$kmods"
-	ENV
-	info "selftests: test_progs -a $allow${kmods:+ (modules: $kmods)}"
-elif [ "${SELFTESTS:-1}" != 0 ]; then
-	info "selftests not built ($st/test_progs missing): KUnit only"
-fi
+write_guest_env "$out" "$obj"
 # The kernel's console goes to vng's stderr (--verbose), into console.log with
 # the guest script's output: a guest that hangs leaves its boot log, KUnit's
 # KTAP and any hung-task, soft-lockup or RCU stall report there.
@@ -96,8 +76,7 @@ if [ "$SANITIZE" = kasan ] && [ "$ARCH" = x86_64 ]; then
 	info "KASAN: booting with no5lvl (7.3's early-boot LA57 false report)"
 	cmdline+=" no5lvl"
 fi
-cpus=${VM_CPUS:-2}
-[[ "$cpus" =~ ^[1-9][0-9]?$ ]] || die "VM_CPUS=$cpus is not a number of vCPUs (1-99)"
+cpus=$(vm_cpus)
 vngargs=(--run "$image" --verbose --cpus "$cpus" --memory "${VM_MEM:-2G}"
 	--rwdir "$out" --cwd "$REPO"
 	--append "$cmdline")
@@ -114,17 +93,12 @@ rc=${PIPESTATUS[0]}
 took=$(($(date +%s) - start))
 echo "$took" >"$out/boot-secs"
 echo "$accel" >"$out/accel"
-# A guest that did not finish: its last kernel lines say where it stood.
-last_kernel_lines() {
-	echo "last kernel lines of $out/console.log:" >&2
-	grep -E '^\[ *[0-9]+\.[0-9]+\]' "$out/console.log" | tail -n 25 | sed 's/^/    /' >&2 || true
-}
 if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-	last_kernel_lines
+	last_kernel_lines "$out"
 	die "guest timed out after ${took}s (console log: $out/console.log)"
 fi
 if [ ! -f "$out/guest-done" ]; then
-	last_kernel_lines
+	last_kernel_lines "$out"
 	die "guest did not finish its script (exit $rc after ${took}s; panic or crash?): see $out/console.log"
 fi
 info "guest finished in ${took}s"

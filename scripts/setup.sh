@@ -8,6 +8,11 @@
 #   - Debian's rust-src of exactly the version of the machine's rustc
 #     (trixie-backports, fetched with apt-get download, unpacked with dpkg -x)
 #   - bindgen-cli from crates.io, virtme-ng from PyPI, at pinned versions
+#   - arm64 user space (ARM64_DEBS in lib.sh: libelf, zlib, zstd, libssl,
+#     busybox-static from bookworm, arm64), fetched with apt-get download
+#     through a private apt state ($CACHE/apt-arm64: the host's dpkg gets no
+#     foreign architecture), sha256-checked, unpacked with dpkg -x into
+#     ARM64_SYSROOT, never installed
 #
 # The backports suites are added with a low pin priority, so nothing is ever
 # upgraded from them implicitly. trixie/sid main suites are never added.
@@ -28,7 +33,7 @@ APT_PREFS=/etc/apt/preferences.d/lsdefer-backports
 HOST_PKGS=(
 	bc bison busybox-static cpio dwarves flex gcc git kmod libcap-dev
 	libc6-dev libelf-dev libssl-dev libzstd-dev make pahole python3-venv
-	rsync shellcheck udev zlib1g-dev zstd
+	pkgconf rsync shellcheck udev zlib1g-dev zstd
 	"clang-$LLVM_VER" "llvm-$LLVM_VER" "lld-$LLVM_VER" "libclang-$LLVM_VER-dev"
 	gcc-aarch64-linux-gnu libc6-dev-arm64-cross
 )
@@ -92,25 +97,111 @@ install_pkgs() {
 	fi
 }
 
-# fetch_deb NAME VERSION SHA256 DESTDIR: apt-get download + checksum + dpkg -x.
+# arm64 packages come through an apt of their own: bookworm's arm64 indexes
+# in $CACHE/apt-arm64, so that the host's dpkg and apt get no foreign
+# architecture (and no backports or trixie index for it).
+APT_ARM64=$CACHE/apt-arm64
+apt_arm64() {
+	apt-get -o Dir::State="$APT_ARM64/state" -o Dir::State::status="$APT_ARM64/status" \
+		-o Dir::Cache="$APT_ARM64/cache" -o Dir::Etc::SourceList="$APT_ARM64/sources.list" \
+		-o Dir::Etc::SourceParts="$APT_ARM64/empty" -o Dir::Etc::Preferences="$APT_ARM64/empty/none" \
+		-o Dir::Etc::PreferencesParts="$APT_ARM64/empty" \
+		-o APT::Architecture=arm64 -o APT::Architectures::=arm64 "$@"
+}
+
+APT_ARM64_UPDATED=0
+apt_arm64_update_once() {
+	[ "$APT_ARM64_UPDATED" = 0 ] || return 0
+	mkdir -p "$APT_ARM64/state/lists/partial" "$APT_ARM64/cache/archives/partial" "$APT_ARM64/empty"
+	touch "$APT_ARM64/status"
+	local key=/usr/share/keyrings/debian-archive-keyring.gpg
+	cat >"$APT_ARM64/sources.list" <<-EOF
+		deb [arch=arm64 signed-by=$key] http://deb.debian.org/debian bookworm main
+		deb [arch=arm64 signed-by=$key] http://deb.debian.org/debian bookworm-updates main
+		deb [arch=arm64 signed-by=$key] http://deb.debian.org/debian-security bookworm-security main
+	EOF
+	info "apt-get update (bookworm arm64 indexes, $APT_ARM64)"
+	apt_arm64 update -qq || die "apt-get update of the arm64 indexes ($APT_ARM64) failed"
+	APT_ARM64_UPDATED=1
+}
+
+# fetch_deb NAME VERSION SHA256 DESTDIR [ARCH]: apt-get download + checksum +
+# dpkg -x into DESTDIR (ARCH: all, default, or arm64). DESTDIR/.done marks a
+# complete unpack; several packages may share a DESTDIR (NAME.done each).
 fetch_deb() {
-	local name=$1 ver=$2 sum=$3 dest=$4 dl deb
-	[ -f "$dest/.done" ] && return 0
+	local name=$1 ver=$2 sum=$3 dest=$4 arch=${5:-all} dl deb stamp
+	stamp=$dest/.done
+	[ "$arch" = all ] || stamp=$dest/.$name.done
+	[ -f "$stamp" ] && return 0
 	dl=$CACHE/dl
 	mkdir -p "$dl"
-	deb=$(echo "${name}_${ver}_all.deb" | sed 's/:/%3a/')
+	deb=$(echo "${name}_${ver}_$arch.deb" | sed 's/:/%3a/')
 	if [ ! -f "$dl/$deb" ]; then
-		apt_update_once
-		info "downloading $name=$ver"
-		(cd "$dl" && apt-get download -q "$name=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
-			die "apt-get download $name=$ver failed (is trixie-backports reachable?)"
+		info "downloading $name=$ver ($arch)"
+		if [ "$arch" = all ]; then
+			apt_update_once
+			(cd "$dl" && apt-get download -q "$name=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
+				die "apt-get download $name=$ver failed (is trixie-backports reachable?)"
+		else
+			apt_arm64_update_once
+			(cd "$dl" && apt_arm64 download -q "$name:$arch=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
+				die "apt-get download $name:$arch=$ver failed (bookworm $arch; a point release may have replaced $ver: update ARM64_DEBS in scripts/lib.sh)"
+		fi
+		[ -f "$dl/$deb" ] || die "apt-get download $name=$ver ($arch) did not leave $dl/$deb"
 	fi
 	echo "$sum  $dl/$deb" | sha256sum -c --quiet - ||
 		die "checksum mismatch for $deb (want $sum)"
-	rm -rf "$dest"
+	if [ "$arch" = all ]; then
+		rm -rf "$dest"
+	fi
 	mkdir -p "$dest"
 	dpkg -x "$dl/$deb" "$dest"
-	touch "$dest/.done"
+	touch "$stamp"
+}
+
+# The arm64 sysroot: ARM64_DEBS unpacked, absolute symlinks (libz.so ->
+# /lib/aarch64-linux-gnu/...) made relative to it, and two wrappers the
+# selftests' cross build uses for the target only (scripts/selftests-build.sh):
+# aarch64-linux-gnu-gcc, which also searches the sysroot's multiarch headers
+# (openssl's configuration.h) after its own and links against its libraries,
+# and pkg-config, which reads the sysroot's .pc files.
+setup_arm64_sysroot() {
+	local entry name ver sum link target f gcc
+	[ -f "$ARM64_SYSROOT/.done" ] && return 0
+	gcc=$(command -v aarch64-linux-gnu-gcc) || die "aarch64-linux-gnu-gcc not found (gcc-aarch64-linux-gnu)"
+	rm -rf "$ARM64_SYSROOT"
+	for entry in "${ARM64_DEBS[@]}"; do
+		read -r name ver sum <<<"$entry"
+		fetch_deb "$name" "$ver" "$sum" "$ARM64_SYSROOT" arm64
+	done
+	while IFS= read -r -d '' link; do
+		target=$(readlink "$link")
+		case "$target" in
+		/*) ln -sfn "$ARM64_SYSROOT$target" "$link" ;;
+		esac
+	done < <(find "$ARM64_SYSROOT" -type l -print0)
+	for f in "$ARM64_LIBDIR/libelf.a" "$ARM64_LIBDIR/libz.a" "$ARM64_LIBDIR/libzstd.a" \
+		"$ARM64_LIBDIR/libcrypto.a" "$ARM64_SYSROOT/bin/busybox"; do
+		[ -f "$f" ] || die "arm64 sysroot $ARM64_SYSROOT: $f missing after unpacking ARM64_DEBS"
+	done
+	mkdir -p "$ARM64_SYSROOT/bin"
+	cat >"$ARM64_SYSROOT/bin/aarch64-linux-gnu-gcc" <<-EOF
+		#!/bin/sh
+		# Generated by scripts/setup.sh: the cross gcc with the arm64 sysroot's
+		# headers (after its own) and libraries.
+		exec $gcc -idirafter "$ARM64_SYSROOT/usr/include/aarch64-linux-gnu" \
+			-idirafter "$ARM64_SYSROOT/usr/include" "\$@" \
+			-L"$ARM64_LIBDIR" -Wl,-rpath-link="$ARM64_LIBDIR"
+	EOF
+	cat >"$ARM64_SYSROOT/bin/pkg-config" <<-EOF
+		#!/bin/sh
+		# Generated by scripts/setup.sh: pkg-config for the arm64 sysroot.
+		PKG_CONFIG_LIBDIR="$ARM64_LIBDIR/pkgconfig:$ARM64_SYSROOT/usr/share/pkgconfig" \
+			PKG_CONFIG_SYSROOT_DIR="$ARM64_SYSROOT" exec pkg-config "\$@"
+	EOF
+	chmod 755 "$ARM64_SYSROOT/bin/aarch64-linux-gnu-gcc" "$ARM64_SYSROOT/bin/pkg-config"
+	touch "$ARM64_SYSROOT/.done"
+	info "arm64 sysroot ready: $ARM64_SYSROOT"
 }
 
 setup_rust() {
@@ -162,4 +253,5 @@ install_pkgs
 setup_rust
 setup_vng
 setup_kernel_source
+setup_arm64_sysroot
 info "setup complete: rustc $RUSTC_WANT, rust-src $RUST_SRC_VER, bindgen $BINDGEN_VER, virtme-ng $VNG_VER, $(qemu-system-x86_64 --version | head -1)"
