@@ -8,6 +8,15 @@
 # unset for it: test_kmods/Makefile has its own KDIR (our tree, via O=).
 # Our own test module (top-level Kbuild) is built with M=<repo> MO=<dir>.
 #
+# ARCH=arm64: cross-built (ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-),
+# test_progs and test_maps static, against the arm64 sysroot of
+# scripts/setup.sh (ARM64_SYSROOT: bookworm's libelf, zlib, zstd, libssl).
+# The target's compiler and pkg-config are the sysroot's wrappers, passed as
+# CC and PKG_CONFIG: the Makefile builds its host tools (bpftool for the
+# skeletons, resolve_btfids) with CC=$(HOSTCC) and ARCH= CROSS_COMPILE=, so
+# they stay x86_64. BPF objects: clang --target=bpfel against the arm64
+# vmlinux's BTF (vmlinux.h), -D__TARGET_ARCH_arm64 (the Makefile's SRCARCH).
+#
 # Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [KDIR=..] scripts/selftests-build.sh
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
@@ -16,10 +25,6 @@ tree=$(tree_dir)
 obj=$(build_dir)
 st=$tree/tools/testing/selftests/bpf
 [ -f "$obj/vmlinux" ] || die "no vmlinux in $obj: build the kernel first"
-if [ "$ARCH" != x86_64 ]; then
-	info "ARCH=$ARCH: BPF selftests not built (no $ARCH root filesystem to run them yet): KUnit only"
-	exit 0
-fi
 mapfile -t mk < <(kmake_vars)
 log=$obj/selftests-build.log
 
@@ -37,6 +42,20 @@ stvars=(
 )
 # A clang-built kernel (SANITIZE=kasan) needs its test modules built by clang.
 [ "$SANITIZE" != kasan ] || stvars+=("LLVM=-$LLVM_VER")
+if [ "$ARCH" = arm64 ]; then
+	[ -f "$ARM64_SYSROOT/.done" ] || die "no arm64 sysroot at $ARM64_SYSROOT: run 'make setup'"
+	# USERLDFLAGS (lib.mk) reaches the target links only: test_progs,
+	# test_maps and their helpers static (urandom_read and its .so filter
+	# -static out, as upstream does). EXTRA_LDFLAGS=-static (above) also
+	# links the target bpftool statically, from the sysroot's libraries.
+	# test_kmods/ inherit ARCH, CROSS_COMPILE and CC: modules for arm64.
+	stvars+=(
+		ARCH=arm64 CROSS_COMPILE="$CROSS_COMPILE"
+		CC="$ARM64_SYSROOT/bin/${CROSS_COMPILE}gcc"
+		PKG_CONFIG="$ARM64_SYSROOT/bin/pkg-config --static"
+		USERLDFLAGS=-static
+	)
+fi
 
 # test_kmods/ builds in the tree, which every flavour of this tree shares
 # (ours, ours with SANITIZE=kasan): kbuild there does not notice that the
@@ -61,6 +80,12 @@ if [ "$rc" != 0 ]; then
 fi
 
 printf '%s\n' "$obj" >"$stamp"
+if [ "$ARCH" = arm64 ]; then
+	for b in test_progs test_maps; do
+		file -b "$obj/$b" | grep -q 'ARM aarch64.*statically linked' ||
+			die "$obj/$b is not a static arm64 executable: $(file -b "$obj/$b")"
+	done
+fi
 
 if [ -f "$REPO/Kbuild" ]; then
 	info "building our test module(s) from $REPO/Kbuild"

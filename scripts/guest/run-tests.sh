@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: GPL-2.0
 #
-# Runs INSIDE the guest (started by scripts/run-vm.sh). Built-in KUnit suites
+# Runs INSIDE the guest: started by scripts/run-vm.sh (x86_64, under bash) or
+# by scripts/guest/arm64-init.sh (arm64, under busybox sh): keep it POSIX sh
+# plus pipefail, with tools busybox has. Built-in KUnit suites
 # have already run during boot. Then, if the host prepared them (OUTDIR/guest.env
 # sets SELFTESTS_DIR, TEST_PROGS_ALLOW, TEST_MAPS, KMODS):
 #   - load our test modules (KMODS),
@@ -18,16 +20,21 @@ SELFTESTS_DIR='' TEST_PROGS_ALLOW='' TEST_MAPS=0 KMODS=''
 # shellcheck disable=SC1091
 [ -f "$out/guest.env" ] && . "$out/guest.env"
 
+# busybox has no mountpoint(1)
+mounted() {
+	grep -q "^[^ ]* $1 " /proc/mounts
+}
+
 echo "==> guest: $(uname -r), $(nproc) CPUs"
-mountpoint -q /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
+mounted /sys/kernel/debug || mount -t debugfs none /sys/kernel/debug
 if [ -d /sys/kernel/debug/kunit ]; then
 	echo "==> guest: $(find /sys/kernel/debug/kunit -mindepth 1 -maxdepth 1 -type d | wc -l) KUnit suites ran at boot"
 fi
 dmesg >"$out/dmesg-boot.txt"
 
 if [ -n "$SELFTESTS_DIR" ]; then
-	mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
-	mountpoint -q /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing
+	mounted /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+	mounted /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing
 	for m in $KMODS; do
 		echo "==> guest: insmod $(basename "$m")"
 		insmod "$m"
