@@ -13,12 +13,19 @@
  *   land wherever that CPU happens to be; nmi_locked raises NMIs on the
  *   writer's CPU while it holds the lock of its own task local storage, so
  *   that the NMI programs' creates and deletes take their -EDEADLK error
- *   paths in NMI. x86 only: QEMU TCG has no PMU, but its local APIC delivers
- *   NMI IPIs.
+ *   paths in NMI. x86: an NMI IPI from the local APIC (QEMU TCG has no PMU
+ *   there). arm64 with pseudo-NMI: the PMU's overflow interrupt, which the
+ *   PMUv3 driver requests as a pseudo-NMI: every online CPU gets a cycle
+ *   counter with a short period for the duration of a write, and the armed
+ *   CPU's next overflow runs the handler (docs/arm64-nmi.md). Elsewhere, or
+ *   when the PMU's interrupt is not an NMI (probed at load, said in dmesg),
+ *   the nmi files are missing and the tests that need them skip.
  * - <debugfs>/lsdefer_testmod/stats: the counters of enum lsdefer_counter.
  *
  * Interface: ../bpf/lsdefer_testmod.h.
  */
+#define pr_fmt(fmt) KBUILD_MODNAME ": " fmt
+
 #include <linux/atomic.h>
 #include <linux/bpf.h>
 #include <linux/bpf_local_storage.h>
@@ -47,6 +54,10 @@
 #include <asm/apic.h>
 #include <asm/nmi.h>
 #define LSDEFER_HAVE_NMI 1
+#elif defined(CONFIG_ARM64_PSEUDO_NMI) && defined(CONFIG_HW_PERF_EVENTS)
+#include <linux/perf_event.h>
+#define LSDEFER_HAVE_NMI 1
+#define LSDEFER_PMU_NMI 1
 #endif
 
 #include "../bpf/lsdefer_testmod.h"
@@ -170,16 +181,170 @@ static DEFINE_PER_CPU(int, lsdefer_nmi_armed);
 /* One NMI raiser at a time: tests are serial, this keeps them honest. */
 static DEFINE_MUTEX(lsdefer_nmi_lock);
 
-static int lsdefer_nmi_handler(unsigned int cmd, struct pt_regs *regs)
+/* The armed NMI's work on this CPU, if one is armed here. */
+static bool lsdefer_nmi_run(void)
 {
 	if (!this_cpu_read(lsdefer_nmi_armed))
-		return NMI_DONE;
+		return false;
 	bpf_lsdefer_nmi_target(!!in_nmi());
 	atomic64_inc(&lsdefer_cnt[LSDEFER_CNT_NMI]);
 	/* Pairs with the acquire in lsdefer_raise_nmi(): the run is counted. */
 	smp_store_release(this_cpu_ptr(&lsdefer_nmi_armed), 0);
-	return NMI_HANDLED;
+	return true;
 }
+
+#ifndef LSDEFER_PMU_NMI
+static int lsdefer_nmi_handler(unsigned int cmd, struct pt_regs *regs)
+{
+	return lsdefer_nmi_run() ? NMI_HANDLED : NMI_DONE;
+}
+
+static void lsdefer_send_nmi(unsigned int cpu)
+{
+	__apic_send_IPI_mask(cpumask_of(cpu), NMI_VECTOR);
+}
+
+/* NMI IPIs need nothing prepared. */
+static int lsdefer_nmi_get(void)
+{
+	return 0;
+}
+
+static void lsdefer_nmi_put(void)
+{
+}
+
+static int lsdefer_nmi_setup(void)
+{
+	return register_nmi_handler(NMI_LOCAL, lsdefer_nmi_handler, 0,
+				    LSDEFER_MOD_NAME);
+}
+
+static void lsdefer_nmi_teardown(void)
+{
+	/* Waits for a running handler (synchronize_rcu()). */
+	unregister_nmi_handler(NMI_LOCAL, LSDEFER_MOD_NAME);
+}
+#else /* LSDEFER_PMU_NMI */
+/*
+ * Cycles between two overflows of a CPU's counter: the latency of a raised
+ * NMI. QEMU's TCG PMU counts 1 GHz of virtual time (0.5 ms); real cores a
+ * few times faster. Up to 2000 NMIs a second a CPU while a write runs, far
+ * below perf's default max sample rate (100000).
+ */
+#define LSDEFER_PMU_PERIOD	500000
+
+static DEFINE_PER_CPU(struct perf_event *, lsdefer_pmu_event);
+
+static struct perf_event_attr lsdefer_pmu_attr = {
+	.type		= PERF_TYPE_HARDWARE,
+	.config		= PERF_COUNT_HW_CPU_CYCLES,
+	.size		= sizeof(struct perf_event_attr),
+	.sample_period	= LSDEFER_PMU_PERIOD,
+	.pinned		= 1,
+};
+
+/* PMU overflow interrupt: a pseudo-NMI (lsdefer_nmi_setup() checked). */
+static void lsdefer_pmu_overflow(struct perf_event *event,
+				 struct perf_sample_data *data,
+				 struct pt_regs *regs)
+{
+	if (in_nmi())
+		lsdefer_nmi_run();
+}
+
+/* The armed CPU's counter overflows within LSDEFER_PMU_PERIOD cycles. */
+static void lsdefer_send_nmi(unsigned int cpu)
+{
+}
+
+static void lsdefer_nmi_put(void)
+{
+	unsigned int cpu;
+
+	for_each_possible_cpu(cpu) {
+		struct perf_event *event = per_cpu(lsdefer_pmu_event, cpu);
+
+		if (event) {
+			perf_event_release_kernel(event);
+			per_cpu(lsdefer_pmu_event, cpu) = NULL;
+		}
+	}
+}
+
+/*
+ * A counter on every online CPU, for the duration of one write. The caller
+ * holds cpus_read_lock() until lsdefer_nmi_put().
+ */
+static int lsdefer_nmi_get(void)
+{
+	struct perf_event *event;
+	unsigned int cpu;
+
+	for_each_online_cpu(cpu) {
+		event = perf_event_create_kernel_counter(&lsdefer_pmu_attr, cpu,
+							 NULL, lsdefer_pmu_overflow,
+							 NULL);
+		if (IS_ERR(event)) {
+			lsdefer_nmi_put();
+			return PTR_ERR(event);
+		}
+		per_cpu(lsdefer_pmu_event, cpu) = event;
+	}
+	return 0;
+}
+
+static atomic_t lsdefer_probe_nmi, lsdefer_probe_irq;
+
+static void lsdefer_pmu_probe(struct perf_event *event,
+			      struct perf_sample_data *data,
+			      struct pt_regs *regs)
+{
+	atomic_inc(in_nmi() ? &lsdefer_probe_nmi : &lsdefer_probe_irq);
+}
+
+/*
+ * The NMI files exist only if the PMU's overflow interrupt is an NMI here:
+ * one counter, on this CPU, for up to a second, tells. Without a PMU, or
+ * with its interrupt a plain IRQ (no irqchip.gicv3_pseudo_nmi=1), say why:
+ * the tests then skip, they do not pass.
+ */
+static int lsdefer_nmi_setup(void)
+{
+	struct perf_event *event;
+	int i;
+
+	event = perf_event_create_kernel_counter(&lsdefer_pmu_attr,
+						 raw_smp_processor_id(), NULL,
+						 lsdefer_pmu_probe, NULL);
+	if (IS_ERR(event)) {
+		pr_info("no NMI trigger: no PMU cycle counter (%ld)\n",
+			PTR_ERR(event));
+		return -EOPNOTSUPP;
+	}
+	for (i = 0; i < 50; i++) {
+		if (atomic_read(&lsdefer_probe_nmi) || atomic_read(&lsdefer_probe_irq))
+			break;
+		msleep(20);
+	}
+	perf_event_release_kernel(event);
+	if (atomic_read(&lsdefer_probe_irq)) {
+		pr_info("no NMI trigger: the PMU's overflow interrupt is not an NMI (pseudo-NMI off?)\n");
+		return -EOPNOTSUPP;
+	}
+	if (!atomic_read(&lsdefer_probe_nmi)) {
+		pr_info("no NMI trigger: the PMU cycle counter did not overflow in 1 s\n");
+		return -EOPNOTSUPP;
+	}
+	pr_info("NMI trigger: PMU overflow pseudo-NMIs, period %d cycles\n",
+		LSDEFER_PMU_PERIOD);
+	return 0;
+}
+
+static void lsdefer_nmi_teardown(void)
+{
+}
+#endif /* LSDEFER_PMU_NMI */
 
 /*
  * Raise one NMI on @cpu and wait until its handler ran. Preemption is
@@ -193,7 +358,7 @@ static int lsdefer_raise_nmi(unsigned int cpu)
 	WRITE_ONCE(*armed, 1);
 	/* The handler on @cpu must see the flag once the NMI is there. */
 	smp_mb();
-	__apic_send_IPI_mask(cpumask_of(cpu), NMI_VECTOR);
+	lsdefer_send_nmi(cpu);
 	/* Pairs with the release in the handler. */
 	while (smp_load_acquire(armed)) {
 		if (ktime_get_ns() > deadline) {
@@ -244,12 +409,16 @@ static ssize_t lsdefer_nmi_write(struct file *file, const char __user *ubuf,
 	if (v[0] <= 0 || v[0] > 1000000)
 		return -EINVAL;
 	mutex_lock(&lsdefer_nmi_lock);
+	cpus_read_lock();
+	err = lsdefer_nmi_get();
 	for (i = 0; i < v[0] && !err; i++) {
 		preempt_disable();
 		err = lsdefer_raise_nmi(smp_processor_id());
 		preempt_enable();
 		cond_resched();
 	}
+	lsdefer_nmi_put();
+	cpus_read_unlock();
 	mutex_unlock(&lsdefer_nmi_lock);
 	return err ?: len;
 }
@@ -280,6 +449,7 @@ static ssize_t lsdefer_nmi_storm_write(struct file *file, const char __user *ubu
 		err = -ENODEV;
 		goto out;
 	}
+	err = lsdefer_nmi_get();
 	for (i = 0; i < v[1] && !err; i++) {
 		preempt_disable();
 		err = lsdefer_raise_nmi(cpu);
@@ -292,6 +462,7 @@ static ssize_t lsdefer_nmi_storm_write(struct file *file, const char __user *ubu
 		else if (ktime_get_ns() > deadline)
 			break;
 	}
+	lsdefer_nmi_put();
 out:
 	cpus_read_unlock();
 	mutex_unlock(&lsdefer_nmi_lock);
@@ -344,10 +515,14 @@ static ssize_t lsdefer_nmi_locked_write(struct file *file, const char __user *ub
 	if (v[0] <= 0 || v[0] > 1000000)
 		return -EINVAL;
 	mutex_lock(&lsdefer_nmi_lock);
+	cpus_read_lock();
+	err = lsdefer_nmi_get();
 	for (i = 0; i < v[0] && !err; i++) {
 		err = lsdefer_nmi_locked_one();
 		cond_resched();
 	}
+	lsdefer_nmi_put();
+	cpus_read_unlock();
 	mutex_unlock(&lsdefer_nmi_lock);
 	return err ?: len;
 }
@@ -403,8 +578,12 @@ static int __init lsdefer_init(void)
 	lsdefer_dir = debugfs_create_dir(LSDEFER_MOD_NAME, NULL);
 	debugfs_create_file("stats", 0444, lsdefer_dir, NULL, &lsdefer_stats_fops);
 #ifdef LSDEFER_HAVE_NMI
-	err = register_nmi_handler(NMI_LOCAL, lsdefer_nmi_handler, 0,
-				   LSDEFER_MOD_NAME);
+	err = lsdefer_nmi_setup();
+#ifdef LSDEFER_PMU_NMI
+	/* No NMI trigger here (said why): the module loads, the tests skip. */
+	if (err == -EOPNOTSUPP)
+		return 0;
+#endif
 	if (err) {
 		debugfs_remove(lsdefer_dir);
 		return err;
@@ -423,8 +602,7 @@ static void __exit lsdefer_exit(void)
 	/* Writers hold a reference on the module: none is running. */
 	debugfs_remove(lsdefer_dir);
 #ifdef LSDEFER_HAVE_NMI
-	/* Waits for a running handler (synchronize_rcu()). */
-	unregister_nmi_handler(NMI_LOCAL, LSDEFER_MOD_NAME);
+	lsdefer_nmi_teardown();
 #endif
 }
 
