@@ -2,7 +2,8 @@
 #
 # Entry points (see README.md):
 #   make test      everything CI checks: lint, vmtest on x86_64 for our kernel
-#                  and for the stock one (BASELINE=1), and their comparison
+#                  and for the stock one (BASELINE=1), and their comparison;
+#                  our kernel on arm64 too (KUnit and the same selftests)
 #   make vmtest    set up, overlay, configure, build, boot, run KUnit, report
 #   make seed-bugs the new selftests against the seed patch's three bugs
 #                  (BROKEN=1, 2, 3), then against the real engine
@@ -82,7 +83,10 @@ lint: setup tree
 # Our kernel, then the stock kernel (same config and harness, no overlay);
 # the comparison's line "N passed, N failed, N skipped" is the verdict.
 # A second boot of ours with HOTPLUG_CPUS vCPUs runs KUnit and the CPU hotplug
-# test there, several CPUs offline at a time; its counts join the verdict.
+# test there, several CPUs offline at a time; then ours on arm64 (its own
+# cross build, KUnit and the same selftests, pseudo-NMIs). Both runs' counts
+# join the verdict (compare.py --extra, one per ';'-separated entry of
+# COMPARE_EXTRA). The runs are sequential: one kernel build at a time.
 HOTPLUG_CPUS = 4
 test: lint
 	@rc=0; \
@@ -90,9 +94,11 @@ test: lint
 	$(MAKE) -s --no-print-directory vmtest ARCH=x86_64 BASELINE= VM_CPUS=$(HOTPLUG_CPUS) \
 		TESTS=ls_defer_hotplug || rc=1; \
 	$(MAKE) -s --no-print-directory vmtest ARCH=x86_64 BASELINE=1 || true; \
+	$(MAKE) -s --no-print-directory vmtest ARCH=arm64 BASELINE= || rc=1; \
 	$(MAKE) -s --no-print-directory compare ARCH=x86_64 \
 		COMPARE_EXTRA="$(HOTPLUG_CPUS) vCPUs=$$(source $(S)/lib.sh; \
-			ARCH=x86_64 BASELINE= VM_CPUS=$(HOTPLUG_CPUS) out_dir)/results.json" || rc=1; \
+			ARCH=x86_64 BASELINE= VM_CPUS=$(HOTPLUG_CPUS) out_dir)/results.json;arm64=$$(source $(S)/lib.sh; \
+			ARCH=arm64 BASELINE= VM_CPUS= out_dir)/results.json" || rc=1; \
 	exit $$rc
 
 # The seed patch's three bugs (selftests/broken/broken-{1,2,3}-*.patch), each
@@ -121,7 +127,8 @@ mutants: setup
 	@MUTANT_TIMEOUT=$(MUTANT_TIMEOUT) $(S)/mutants.sh $(MUTANTS)
 
 compare:
-	@$(LIB); extra=(); [ -z "$(COMPARE_EXTRA)" ] || extra=(--extra "$(COMPARE_EXTRA)"); \
+	@$(LIB); extra=(); IFS=';' read -ra runs <<<"$(COMPARE_EXTRA)"; \
+	for r in "$${runs[@]}"; do [ -z "$$r" ] || extra+=(--extra "$$r"); done; \
 	python3 $(S)/compare.py --ours "$$(BASELINE= VM_CPUS= out_dir)/results.json" \
 		--base "$$(BASELINE=1 VM_CPUS= out_dir)/results.json" "$${extra[@]}"
 
