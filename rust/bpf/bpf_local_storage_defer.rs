@@ -1519,7 +1519,6 @@ mod tests {
         hardirq: Atomic<usize>,
         nmi: Atomic<usize>,
         /// NMIs sent and not yet taken by the handler.
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
         nmi_armed: Atomic<usize>,
         worker_done: Atomic<bool>,
         /// Per CPU: set while the CPU's producer thread is inside [`Engine::queue`].
@@ -1553,7 +1552,6 @@ mod tests {
                     bh_in_flight: Atomic::new(0),
                     hardirq: Atomic::new(0),
                     nmi: Atomic::new(0),
-                    #[cfg(CONFIG_X86_LOCAL_APIC)]
                     nmi_armed: Atomic::new(0),
                     worker_done: Atomic::new(false),
                     in_queue,
@@ -1607,19 +1605,14 @@ mod tests {
         }
 
         /// Interrupts `peer`, most likely in the middle of its producer thread's
-        /// [`Engine::queue`]: an NMI that queues there (x86) if `use_nmi`, otherwise an
-        /// asynchronous IPI that does. Sent by the producer threads themselves, CPU to CPU, so
-        /// that the rate does not depend on timers, which an emulator under load fires late.
+        /// [`Engine::queue`]: an NMI that queues there if `use_nmi` and the test has NMIs (see
+        /// [`nmi::send_to`]), otherwise an asynchronous IPI that does. Sent by the producer
+        /// threads themselves, CPU to CPU, so that the rate does not depend on timers, which an
+        /// emulator under load fires late.
         fn kick(self: &Arc<Self>, peer: CpuId, use_nmi: bool) {
-            #[cfg(CONFIG_X86_LOCAL_APIC)]
-            {
-                if use_nmi {
-                    nmi::send_to(self, peer);
-                    return;
-                }
+            if use_nmi && nmi::send_to(self, peer) {
+                return;
             }
-            #[cfg(not(CONFIG_X86_LOCAL_APIC))]
-            let _ = use_nmi;
             let Ok(cpu) = c_int::try_from(peer.as_u32()) else {
                 return;
             };
@@ -1636,6 +1629,20 @@ mod tests {
             };
             if ret != 0 {
                 self.ipis_in_flight.fetch_sub(1, Relaxed);
+            }
+        }
+
+        /// From an NMI handler: produces if an NMI was sent and not taken yet, and takes it.
+        fn produce_nmi(&self) {
+            let mut armed = self.nmi_armed.load(Relaxed);
+            while armed > 0 {
+                match self.nmi_armed.cmpxchg(armed, armed - 1, Relaxed) {
+                    Ok(_) => {
+                        self.produce_irq(8, &self.nmi);
+                        return;
+                    }
+                    Err(now) => armed = now,
+                }
             }
         }
 
@@ -1721,6 +1728,33 @@ mod tests {
         s.ipis_in_flight.fetch_sub(1, Release);
     }
 
+    /// The NMIs of one stress test: a registered source, or why there is none here. Tests
+    /// without NMIs still check everything else, then report themselves skipped with the
+    /// reason: never a silent pass.
+    enum Nmis {
+        On(nmi::Registration),
+        Off(&'static CStr),
+    }
+
+    impl Nmis {
+        /// Sends an NMI to every online CPU, if there is a source.
+        fn send_all(&self, s: &Stress) -> Result {
+            match self {
+                Nmis::On(_) => nmi::send_all(s),
+                Nmis::Off(_) => Ok(()),
+            }
+        }
+
+        /// Why this test has no NMIs, if it has none.
+        fn off(&self) -> Option<&'static CStr> {
+            match self {
+                Nmis::On(_) => None,
+                Nmis::Off(why) => Some(why),
+            }
+        }
+    }
+
+    /// NMIs through the local APIC.
     #[cfg(CONFIG_X86_LOCAL_APIC)]
     mod nmi {
         use super::*;
@@ -1749,17 +1783,7 @@ mod tests {
             }
             // SAFETY: `STRESS` is cleared, and the handler unregistered (which waits for
             // running handlers), before the `Registration` drops its reference to the `Stress`.
-            let s = unsafe { &*s };
-            let mut armed = s.nmi_armed.load(Relaxed);
-            while armed > 0 {
-                match s.nmi_armed.cmpxchg(armed, armed - 1, Relaxed) {
-                    Ok(_) => {
-                        s.produce_irq(8, &s.nmi);
-                        break;
-                    }
-                    Err(now) => armed = now,
-                }
-            }
+            unsafe { &*s }.produce_nmi();
             NMI_HANDLED
         }
 
@@ -1775,8 +1799,13 @@ mod tests {
             stress: Arc<Stress>,
         }
 
+        /// Registers the handler for `stress`.
+        pub(super) fn start(stress: &Arc<Stress>) -> Result<Nmis> {
+            Registration::new(stress).map(Nmis::On)
+        }
+
         impl Registration {
-            pub(super) fn new(stress: &Arc<Stress>) -> Result<Self> {
+            fn new(stress: &Arc<Stress>) -> Result<Self> {
                 let mut action: KBox<bindings::nmiaction> =
                     KBox::new(pin_init::zeroed(), GFP_KERNEL)?;
                 action.handler = Some(handler);
@@ -1807,15 +1836,19 @@ mod tests {
             }
         }
 
-        /// Sends an NMI to `cpu`.
-        pub(super) fn send_to(s: &Stress, cpu: CpuId) {
+        /// Sends an NMI to `cpu`; `false` if no handler is registered.
+        pub(super) fn send_to(s: &Stress, cpu: CpuId) -> bool {
             let Ok(vector) = c_int::try_from(bindings::NMI_VECTOR) else {
-                return;
+                return false;
             };
+            if STRESS.load(Relaxed).is_null() {
+                return false;
+            }
             s.nmi_armed.fetch_add(1, Relaxed);
             // SAFETY: `cpumask_of()` of a possible CPU is a valid cpumask; NMI_VECTOR with a
             // mask selects NMI delivery in every APIC driver.
             unsafe { bindings::__apic_send_IPI_mask(bindings::cpumask_of(cpu.as_u32()), vector) };
+            true
         }
 
         /// Sends an NMI to every online CPU, this one included.
@@ -1838,6 +1871,185 @@ mod tests {
         }
     }
 
+    /// NMIs from PMU overflow pseudo-NMIs (`irqchip.gicv3_pseudo_nmi=1`): arm64 has no way to
+    /// send one NMI to a CPU that a module can use (its NMI IPIs are the backtrace and stop
+    /// IPIs), so a pinned cycle counter on every online CPU overflows every [`nmi::PERIOD`]
+    /// cycles, and the overflow that finds an NMI sent and not taken produces, on whichever
+    /// CPU it lands (as x86's handler takes whichever NMI comes).
+    #[cfg(all(CONFIG_ARM64, CONFIG_ARM64_PSEUDO_NMI, CONFIG_HW_PERF_EVENTS))]
+    mod nmi {
+        use super::*;
+
+        /// Cycles between two overflows of a CPU's counter: 100 us under TCG, whose PMU
+        /// counts virtual time at 1 GHz; 10,000 NMIs a second a CPU, a tenth of perf's
+        /// default limit.
+        const PERIOD: u64 = 100_000;
+        /// How long the first overflow may take to come.
+        const PROBE_MS: u32 = 1_000;
+
+        /// The `Stress` of the [`Registration`] alive, if any.
+        static STRESS: Atomic<*mut Stress> = Atomic::new(core::ptr::null_mut());
+        /// Overflows handled in NMI and outside NMI since the last [`start`].
+        static IN_NMI: Atomic<usize> = Atomic::new(0);
+        static NOT_NMI: Atomic<usize> = Atomic::new(0);
+
+        /// The counters' overflow handler: produces if an NMI of ours is expected.
+        ///
+        /// # Safety
+        ///
+        /// Called by perf only, for a counter of a [`Registration`].
+        unsafe extern "C" fn overflow(
+            _event: *mut bindings::perf_event,
+            _data: *mut bindings::perf_sample_data,
+            _regs: *mut bindings::pt_regs,
+        ) {
+            // SAFETY: FFI call without preconditions.
+            if !unsafe { bindings::in_nmi() } {
+                // A plain interrupt: pseudo-NMIs are off; `start()` tells.
+                NOT_NMI.fetch_add(1, Relaxed);
+                return;
+            }
+            IN_NMI.fetch_add(1, Relaxed);
+            let s = STRESS.load(Acquire);
+            if s.is_null() {
+                return;
+            }
+            // SAFETY: `STRESS` is cleared, and every counter released (which waits for a
+            // handler running on the counter's CPU), before the `Registration` drops its
+            // reference to the `Stress`.
+            unsafe { &*s }.produce_nmi();
+        }
+
+        /// A pinned cycle counter on every online CPU producing into `stress`; released on
+        /// drop.
+        ///
+        /// One at a time: the tests run one after the other.
+        pub(super) struct Registration {
+            events: KVec<NonNull<bindings::perf_event>>,
+            stress: Arc<Stress>,
+        }
+
+        impl Drop for Registration {
+            fn drop(&mut self) {
+                STRESS.store(core::ptr::null_mut(), Release);
+                for ev in self.events.drain_all() {
+                    // SAFETY: Created in `start()` and released once, here. This removes the
+                    // counter from its CPU with a call on that CPU, so an overflow handler
+                    // running there has returned before `self.stress` is dropped.
+                    unsafe { bindings::perf_event_release_kernel(ev.as_ptr()) };
+                }
+            }
+        }
+
+        /// Puts a counter on every online CPU and waits up to [`PROBE_MS`] for an overflow in
+        /// NMI. `Nmis::Off` with the reason if there is no cycle counter, no overflow, or
+        /// overflows outside NMI (pseudo-NMIs off).
+        pub(super) fn start(stress: &Arc<Stress>) -> Result<Nmis> {
+            let cpus = kernel::cpu::nr_cpu_ids() as usize;
+            let mut reg = Registration {
+                events: KVec::with_capacity(cpus, GFP_KERNEL)?,
+                stress: stress.clone(),
+            };
+            IN_NMI.store(0, Relaxed);
+            NOT_NMI.store(0, Relaxed);
+            STRESS.store(Arc::as_ptr(&reg.stress).cast_mut(), Release);
+
+            let mut attr: bindings::perf_event_attr = pin_init::zeroed();
+            attr.type_ = bindings::perf_type_id_PERF_TYPE_HARDWARE;
+            attr.size =
+                u32::try_from(size_of::<bindings::perf_event_attr>()).map_err(|_| EINVAL)?;
+            attr.config = bindings::perf_hw_id_PERF_COUNT_HW_CPU_CYCLES.into();
+            attr.__bindgen_anon_1.sample_period = PERIOD;
+            attr.set_pinned(1);
+            for cpu in percpu::possible_cpus() {
+                if !percpu::cpu_online(cpu) || reg.events.len() == cpus {
+                    continue;
+                }
+                let c = c_int::try_from(cpu.as_u32()).map_err(|_| EINVAL)?;
+                // SAFETY: `attr` is a valid attribute that perf copies; `overflow` has the
+                // signature of an overflow handler and needs no context.
+                let ev = unsafe {
+                    bindings::perf_event_create_kernel_counter(
+                        &mut attr,
+                        c,
+                        core::ptr::null_mut(),
+                        Some(overflow),
+                        core::ptr::null_mut(),
+                    )
+                };
+                match kernel::error::from_err_ptr(ev).map(NonNull::new) {
+                    Ok(Some(ev)) => {
+                        // The capacity is `nr_cpu_ids`: this does not allocate.
+                        reg.events.push(ev, GFP_NOWAIT)?;
+                    }
+                    Ok(None) => return Ok(Nmis::Off(c"perf returned no cycle counter")),
+                    Err(e) if e == ENOMEM => return Err(e),
+                    Err(_) => return Ok(Nmis::Off(c"no PMU cycle counter on an online CPU")),
+                }
+            }
+            wait_until(
+                || IN_NMI.load(Relaxed) > 0 || NOT_NMI.load(Relaxed) > 0,
+                PROBE_MS,
+            );
+            if IN_NMI.load(Relaxed) > 0 {
+                Ok(Nmis::On(reg))
+            } else if NOT_NMI.load(Relaxed) > 0 {
+                Ok(Nmis::Off(
+                    c"the PMU overflow interrupt is not an NMI (irqchip.gicv3_pseudo_nmi=1?)",
+                ))
+            } else {
+                Ok(Nmis::Off(
+                    c"the PMU cycle counter did not overflow within 1 s",
+                ))
+            }
+        }
+
+        /// Arms one NMI: the next overflow, on any CPU, takes it. `false` if no counters are
+        /// registered.
+        pub(super) fn send_to(s: &Stress, _cpu: CpuId) -> bool {
+            if STRESS.load(Relaxed).is_null() {
+                return false;
+            }
+            s.nmi_armed.fetch_add(1, Relaxed);
+            true
+        }
+
+        /// Arms one NMI per online CPU.
+        pub(super) fn send_all(s: &Stress) -> Result {
+            let n = percpu::possible_cpus()
+                .filter(|&cpu| percpu::cpu_online(cpu))
+                .count();
+            s.nmi_armed.fetch_add(n, Relaxed);
+            Ok(())
+        }
+    }
+
+    /// No NMI source for the tests on other architectures.
+    #[cfg(not(any(
+        CONFIG_X86_LOCAL_APIC,
+        all(CONFIG_ARM64, CONFIG_ARM64_PSEUDO_NMI, CONFIG_HW_PERF_EVENTS)
+    )))]
+    mod nmi {
+        use super::*;
+
+        /// Uninhabited: there is never one.
+        pub(super) enum Registration {}
+
+        pub(super) fn start(_stress: &Arc<Stress>) -> Result<Nmis> {
+            Ok(Nmis::Off(
+                c"no NMI source for the tests on this architecture",
+            ))
+        }
+
+        pub(super) fn send_to(_s: &Stress, _cpu: CpuId) -> bool {
+            false
+        }
+
+        pub(super) fn send_all(_s: &Stress) -> Result {
+            Ok(())
+        }
+    }
+
     /// Guards: an engine that frees from the producer, or whose flush misses a handler half-way
     /// through a batch, or items no callback owns, leaves objects unfreed when `flush()` returns
     /// (`freed == produced` fails); a double free fails `bad == 0`. A plain (non-atomic) list
@@ -1849,8 +2061,7 @@ mod tests {
         let stress = Stress::new(N)?;
         let sptr = (&raw const *stress).cast_mut();
 
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
-        let nmi_reg = nmi::Registration::new(&stress)?;
+        let nmis = nmi::start(&stress)?;
 
         // A second task, on whichever CPU the unbound workqueue picks.
         let s2 = stress.clone();
@@ -1873,8 +2084,7 @@ mod tests {
                     bindings::cpu_online_mask(),
                 )
             };
-            #[cfg(CONFIG_X86_LOCAL_APIC)]
-            nmi::send_all(&stress)?;
+            nmis.send_all(&stress)?;
             // Softirq context: a work item of the BH workqueue runs from a softirq.
             stress.bh_in_flight.fetch_add(1, Relaxed);
             if BhProducer::spawn(&stress).is_err() {
@@ -1893,12 +2103,12 @@ mod tests {
             // Never free what a stuck work item may still use.
             core::mem::forget(stress.clone());
         }
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
-        {
+        let no_nmi = nmis.off();
+        if no_nmi.is_none() {
             // NMIs can merge; do not wait for ever for the last ones.
             wait_until(|| stress.nmi_armed.load(Relaxed) == 0, 2_000);
-            drop(nmi_reg);
         }
+        drop(nmis);
 
         let produced = stress.task.load(Relaxed)
             + stress.bh_off.load(Relaxed)
@@ -1927,8 +2137,10 @@ mod tests {
         assert!(stress.bh_off.load(Relaxed) > 0);
         assert!(stress.softirq.load(Relaxed) > 0);
         assert!(stress.hardirq.load(Relaxed) > 0);
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
-        assert!(stress.nmi.load(Relaxed) > 0);
+        match no_nmi {
+            None => assert!(stress.nmi.load(Relaxed) > 0),
+            Some(why) => skip(why),
+        }
         Ok(())
     }
 
@@ -2102,6 +2314,8 @@ mod tests {
         /// Objects the chain had not freed [`NEST_SETTLE_MS`] after the producers stopped,
         /// before the flush: stranded.
         stranded: usize,
+        /// Why a round had no NMIs, if one had none.
+        no_nmi: Option<&'static CStr>,
     }
 
     /// How long the chain alone gets, after a round's producers stopped, to free everything.
@@ -2122,6 +2336,7 @@ mod tests {
             self.nmi = self.nmi.saturating_add(r.nmi);
             self.nested = self.nested.saturating_add(r.nested);
             self.stranded = self.stranded.saturating_add(r.stranded);
+            self.no_nmi = self.no_nmi.or(r.no_nmi);
         }
     }
 
@@ -2130,21 +2345,19 @@ mod tests {
     /// everything, then a flush.
     fn nested_round(start: &Instant<Monotonic>, deadline_ms: i64) -> Result<NestRound> {
         let stress = Stress::new(NEST_OBJS)?;
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
-        let nmi_reg = nmi::Registration::new(&stress)?;
+        let nmis = nmi::start(&stress)?;
         let producers = Producers::start(&stress)?;
 
         while stress.pool.cursor.load(Relaxed) < NEST_OBJS
             && start.elapsed().as_millis() < deadline_ms
         {
-            #[cfg(CONFIG_X86_LOCAL_APIC)]
-            nmi::send_all(&stress)?;
+            nmis.send_all(&stress)?;
             fsleep(Delta::from_micros(100));
         }
         // Threads stopped, timers cancelled and IPIs done; then no NMI handler runs any more.
         drop(producers);
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
-        drop(nmi_reg);
+        let no_nmi = nmis.off();
+        drop(nmis);
 
         let claimed = stress.pool.cursor.load(Relaxed).min(NEST_OBJS);
         let (task, hardirq) = (stress.task.load(Relaxed), stress.hardirq.load(Relaxed));
@@ -2175,6 +2388,7 @@ mod tests {
             hardirq,
             nmi,
             nested: stress.nested.load(Relaxed),
+            no_nmi,
         })
     }
 
@@ -2183,11 +2397,11 @@ mod tests {
     /// the list, or takes it, between the producer's load of the head and its store loses
     /// objects (`freed == produced` fails, `not_once` counts them) or leaves taken ones listed,
     /// to be freed twice (`bad == 0` fails). On every online CPU a bound thread queues in a
-    /// tight loop while a pinned hard hrtimer, the IPIs and, on x86, the NMIs that the other
-    /// CPUs' threads send queue on top of it, in rounds of [`NEST_OBJS`] objects for
-    /// [`NEST_BUDGET_MS`], or until some nesting happened (at most [`NEST_MAX_MS`]); `nested > 0`
-    /// checks that the nesting this relies on happened. The
-    /// other checks are those of [`producers_in_all_contexts`]. Under TCG a run sees a few
+    /// tight loop while a pinned hard hrtimer, the IPIs and the NMIs (see [`Nmis`]) that the
+    /// other CPUs' threads send queue on top of it, in rounds of [`NEST_OBJS`] objects for
+    /// [`NEST_BUDGET_MS`], or until some nesting happened (at most [`NEST_MAX_MS`]);
+    /// `nested > 0` checks that the nesting this relies on happened. The other checks are
+    /// those of [`producers_in_all_contexts`]. Under TCG a run sees a few
     /// thousand nested objects and, with `BROKEN=1`, loses hundreds. Before each round's flush
     /// the chain alone must have freed everything (`stranded == 0`): producers on every CPU
     /// race the callbacks that re-arm or give the token back, and an item that a missed re-check
@@ -2241,9 +2455,11 @@ mod tests {
         assert_eq!(sum.engine_freed, sum.produced);
         assert!(sum.task > 0);
         assert!(sum.hardirq > 0);
-        #[cfg(CONFIG_X86_LOCAL_APIC)]
-        assert!(sum.nmi > 0);
         assert!(sum.nested > 0);
+        match sum.no_nmi {
+            None => assert!(sum.nmi > 0),
+            Some(why) => skip(why),
+        }
         Ok(())
     }
 

@@ -1,6 +1,19 @@
 // SPDX-License-Identifier: GPL-2.0
 
-/* Test-only: the engine's KUnit suite raises NMIs through the local APIC. */
+/*
+ * Test-only: the engine's KUnit suite raises NMIs through the local APIC on
+ * x86 and takes PMU overflow pseudo-NMIs on arm64, whose handler checks
+ * in_nmi().
+ */
+#if defined(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)
+#include <linux/preempt.h>
+
+__rust_helper bool rust_helper_in_nmi(void)
+{
+	return in_nmi();
+}
+#endif
+
 #if defined(CONFIG_X86_LOCAL_APIC) && defined(CONFIG_BPF_LOCAL_STORAGE_DEFER_KUNIT_TEST)
 #include <asm/apic.h>
 
