@@ -39,6 +39,7 @@ ARM64_DEBS=(
 	"libssl-dev 3.0.22-1~deb12u2 d141686eacc7e271630bf9032cd19cebe984b6864e59c02ac85554ff62941d00"
 	"libssl3 3.0.22-1~deb12u2 3d04ecd8d0f57fed50d205abaeedfcc84c1960073ea085719c00add44b0ccd7f"
 	"busybox-static 1:1.35.0-4+deb12u1+b1 732c9135564fc71337e0e05fb4da4d11e6c28c1834bce3e405e575afef2a52f5"
+	"coreutils 9.1-1 ec8f090a14c684879dce251254d8d9ed0876d4480f750d5807ef04e5435e1c4d"
 )
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -54,6 +55,8 @@ VNG_VENV=$TOOLS/vng-$VNG_VER
 # Keyed by the pinned list: a changed pin unpacks a fresh sysroot.
 ARM64_SYSROOT=$TOOLS/arm64-sysroot-$(printf '%s\n' "${ARM64_DEBS[@]}" | sha256sum | cut -c1-12)
 ARM64_LIBDIR=$ARM64_SYSROOT/usr/lib/aarch64-linux-gnu
+# The cross toolchain's arm64 glibc (libc6-arm64-cross), for the guest's rm.
+ARM64_CROSS_LIBC=/usr/aarch64-linux-gnu/lib
 export RUST_LIB_SRC
 export LIBCLANG_PATH=/usr/lib/llvm-$LLVM_VER/lib
 export PATH=$BINDGEN_DIR:$VNG_VENV/bin:$HOME/.cargo/bin:$PATH

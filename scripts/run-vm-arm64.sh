@@ -37,12 +37,17 @@ busybox=$ARM64_SYSROOT/bin/busybox
 [ -x "$obj/usr/gen_init_cpio" ] || die "no $obj/usr/gen_init_cpio (CONFIG_BLK_DEV_INITRD off?)"
 command -v qemu-system-aarch64 >/dev/null || die "qemu-system-aarch64 not found: run 'make setup'"
 [ -x "$busybox" ] || die "no arm64 busybox at $busybox: run 'make setup'"
+[ -x "$ARM64_SYSROOT/bin/rm" ] || die "no arm64 rm at $ARM64_SYSROOT/bin/rm: run 'make setup'"
+[ -f "$ARM64_CROSS_LIBC/libc.so.6" ] || die "no $ARM64_CROSS_LIBC/libc.so.6: run 'make setup' (libc6-dev-arm64-cross)"
 
 rm -rf "$out"
 mkdir -p "$out"
 write_guest_env "$out" "$obj"
 
 # The initramfs: small (busybox, /init, the paths); rebuilt for every run.
+# Also coreutils' rm, dynamic, with the cross toolchain's glibc (bookworm's
+# 2.36, as coreutils was built against): test_local_storage copies /bin/rm
+# and runs the copy, which a busybox applet link cannot be.
 initdir=$obj/lsdefer-init
 mkdir -p "$initdir"
 cat >"$initdir/lsdefer.env" <<-ENV
@@ -56,6 +61,12 @@ cat >"$initdir/list" <<-LIST
 	nod /dev/console 600 0 0 c 5 1
 	dir /bin 755 0 0
 	file /bin/busybox $busybox 755 0 0
+	slink /bin/sh busybox 777 0 0
+	file /bin/rm $ARM64_SYSROOT/bin/rm 755 0 0
+	dir /lib 755 0 0
+	dir /lib/aarch64-linux-gnu 755 0 0
+	file /lib/ld-linux-aarch64.so.1 $ARM64_CROSS_LIBC/ld-linux-aarch64.so.1 755 0 0
+	file /lib/aarch64-linux-gnu/libc.so.6 $ARM64_CROSS_LIBC/libc.so.6 755 0 0
 	file /init $REPO/scripts/guest/arm64-init.sh 755 0 0
 	file /lsdefer.env $initdir/lsdefer.env 644 0 0
 LIST

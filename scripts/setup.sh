@@ -9,7 +9,7 @@
 #     (trixie-backports, fetched with apt-get download, unpacked with dpkg -x)
 #   - bindgen-cli from crates.io, virtme-ng from PyPI, at pinned versions
 #   - arm64 user space (ARM64_DEBS in lib.sh: libelf, zlib, zstd, libssl,
-#     busybox-static from bookworm, arm64), fetched with apt-get download
+#     busybox-static, coreutils from bookworm, arm64), fetched with apt-get download
 #     through a private apt state ($CACHE/apt-arm64: the host's dpkg gets no
 #     foreign architecture), sha256-checked, unpacked with dpkg -x into
 #     ARM64_SYSROOT, never installed
@@ -181,7 +181,7 @@ setup_arm64_sysroot() {
 		esac
 	done < <(find "$ARM64_SYSROOT" -type l -print0)
 	for f in "$ARM64_LIBDIR/libelf.a" "$ARM64_LIBDIR/libz.a" "$ARM64_LIBDIR/libzstd.a" \
-		"$ARM64_LIBDIR/libcrypto.a" "$ARM64_SYSROOT/bin/busybox"; do
+		"$ARM64_LIBDIR/libcrypto.a" "$ARM64_SYSROOT/bin/busybox" "$ARM64_SYSROOT/bin/rm"; do
 		[ -f "$f" ] || die "arm64 sysroot $ARM64_SYSROOT: $f missing after unpacking ARM64_DEBS"
 	done
 	mkdir -p "$ARM64_SYSROOT/bin"

@@ -35,6 +35,14 @@ dmesg >"$out/dmesg-boot.txt"
 if [ -n "$SELFTESTS_DIR" ]; then
 	mounted /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 	mounted /sys/kernel/tracing || mount -t tracefs none /sys/kernel/tracing
+	# Under TCG perf lowers its sample rate limit each time an emulated
+	# interrupt takes long, down to where the test module's PMU NMIs (arm64)
+	# get throttled; a throttled counter restarts at its CPU's next tick,
+	# which does not come while ls_defer_nmi/create_error holds a lock with
+	# interrupts off, and the NMI it waits for is lost. The default limit
+	# back, then no lowering (perf refuses a new limit once that is off).
+	echo 100000 >/proc/sys/kernel/perf_event_max_sample_rate
+	echo 0 >/proc/sys/kernel/perf_cpu_time_max_percent
 	for m in $KMODS; do
 		echo "==> guest: insmod $(basename "$m")"
 		insmod "$m"
