@@ -10,6 +10,11 @@
 #   make mutants   every single-point break of the engine (MUTANTS=id ...
 #                  for some), KUnit and the new selftests on each: the table
 #                  of which test killed which mutant (hours; not in make test)
+#   make bench     stock kernel and ours, same config, memory and vCPUs
+#                  (BENCH_CPUS, default "2 4": one boot per kernel and
+#                  count), BENCH_RUNS (default 5) runs of every workload:
+#                  out/bench/{results.json,table.md,ratios.png} (hours)
+#   make bench-readme  the README's benchmark section from out/bench/raw
 #
 # Steps, each usable alone: setup tree config build selftests vm report
 #                           compare lint
@@ -18,6 +23,8 @@
 #            TESTS=test[,test]  SELFTESTS=0 (KUnit only)  VM_CPUS=n (2)
 #            TEST_MAPS=<map test>|all|0 (default: sk_storage_map)
 #            LSDEFER_CACHE=dir (default ~/.cache/lsdefer)
+#            BENCH_CPUS="2 4" BENCH_RUNS=5 BENCH_DURATION=5 BENCH_WARMUP=1
+#            BENCH_ONLY=<regex of workload ids>
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -29,10 +36,10 @@ S := scripts
 LIB := source $(S)/lib.sh
 
 .PHONY: help setup tree config build selftests vm report vmtest compare lint test clean \
-	seed-bugs mutants
+	seed-bugs mutants bench bench-readme
 
 help:
-	@sed -n '3,20p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '3,27p' Makefile | sed 's/^# \{0,1\}//'
 
 setup:
 	@$(S)/setup.sh
@@ -125,6 +132,30 @@ MUTANTS ?=
 MUTANT_TIMEOUT ?= 400
 mutants: setup
 	@MUTANT_TIMEOUT=$(MUTANT_TIMEOUT) $(S)/mutants.sh $(MUTANTS)
+
+# Both kernels and their selftests with the bench binary (BENCH=1), each
+# under the lock, then the boots (scripts/bench.sh: one per kernel and vCPU
+# count) and the aggregation (scripts/bench.py).
+BENCH_CPUS ?= 2 4
+BENCH_RUNS ?= 5
+export BENCH_CPUS BENCH_RUNS BENCH_DURATION BENCH_WARMUP BENCH_ONLY BENCH_TIMEOUT
+bench: setup
+	@[ -z "$(filter-out 0,$(BASELINE))$(BROKEN)$(SANITIZE)" ] || \
+		{ echo "error: make bench builds and measures both plain kernels: unset BASELINE, BROKEN and SANITIZE" >&2; exit 1; }; \
+	start=$$(date +%s); \
+	for b in "" 1; do \
+		BASELINE=$$b $(S)/locked.sh bash -c '\
+			$(MAKE) -s --no-print-directory build && \
+			BENCH=1 $(MAKE) -s --no-print-directory selftests' || exit 1; \
+	done; \
+	$(S)/bench.sh; \
+	echo "==> bench took $$(( $$(date +%s) - start ))s"
+
+# The README's "Benchmarks" block, regenerated from the last make bench's raw
+# outputs (never edited by hand); the chart goes to docs/bench/ratios.png.
+bench-readme:
+	@$(LIB); "$$VNG_VENV/bin/python3" $(S)/bench.py --out out/bench --min-runs 5 \
+		--readme README.md --readme-chart docs/bench/ratios.png out/bench/raw/*/bench.jsonl
 
 compare:
 	@$(LIB); extra=(); IFS=';' read -ra runs <<<"$(COMPARE_EXTRA)"; \

@@ -230,3 +230,84 @@ last_kernel_lines() {
 out_dir() {
 	echo "${OUT:-$REPO/out}/$ARCH-$(flavour)${SANITIZE:+-$SANITIZE}${BROKEN:+-broken-$BROKEN}${VM_CPUS:+-${VM_CPUS}cpus}"
 }
+
+# choose_accel IMAGE: the accelerator for booting IMAGE: ACCEL if set, else
+# this host boot's cached probe result, else a probe boot (KVM works if the
+# kernel reaches its "no root fs" panic within 25 s). Sets VM_ACCEL and says
+# which. On the project's machines /dev/kvm exists but guests hang in early
+# boot, so expect TCG.
+choose_accel() {
+	local image=$1 cache
+	VM_ACCEL=${ACCEL:-}
+	cache=$CACHE/kvm-probe.$(cat /proc/sys/kernel/random/boot_id)
+	if [ -z "$VM_ACCEL" ] && [ -f "$cache" ]; then
+		VM_ACCEL=$(cat "$cache")
+		info "KVM probe result of this host boot: $VM_ACCEL ($cache)"
+	elif [ -z "$VM_ACCEL" ]; then
+		if [ -w /dev/kvm ] &&
+			timeout -k 5 25 qemu-system-x86_64 -accel kvm -m 256 -smp 1 -nographic \
+				-no-reboot -kernel "$image" -append "console=ttyS0 panic=-1" </dev/null 2>&1 |
+			grep -q -m1 'Kernel panic\|VFS: Unable to mount root'; then
+			VM_ACCEL=kvm
+		else
+			VM_ACCEL=tcg
+		fi
+		rm -f "$CACHE"/kvm-probe.*
+		echo "$VM_ACCEL" >"$cache"
+	fi
+	case "$VM_ACCEL" in
+	kvm) info "accelerator: KVM (probe boot succeeded)" ;;
+	tcg) info "accelerator: TCG software emulation (KVM ${ACCEL:+not requested}${ACCEL:-probe boot hung or /dev/kvm unusable}); expect a slow guest" ;;
+	*) die "ACCEL=$VM_ACCEL: use kvm or tcg" ;;
+	esac
+}
+
+# vm_boot IMAGE OUT GUEST_CMD: boot IMAGE with virtme-ng (VM_CPUS vCPUs,
+# default 2; VM_MEM, default 2G; the accelerator of choose_accel, which must
+# have run) and run GUEST_CMD in it, the repo as working directory and OUT
+# writable. At most VM_TIMEOUT seconds (default 1200). The kernel's console
+# and the guest's output go to OUT/console.log; lines starting with "==>",
+# "#", "ok", "not ok" or "error" are echoed. Writes OUT/boot-secs and
+# OUT/accel. Dies, with the last kernel lines, when the guest timed out or did
+# not create OUT/guest-done.
+vm_boot() {
+	local image=$1 out=$2 cmd=$3 cmdline="log_buf_len=16M" cpus start took rc
+	local -a vngargs
+	command -v vng >/dev/null || die "vng not found: run 'make setup'"
+	command -v udevadm >/dev/null || die "vng's script mode needs udev on the host: run 'make setup'"
+	# KASAN on x86_64 with 5-level paging (QEMU's TCG CPU has LA57): while
+	# identify_cpu() re-reads the boot CPU's capabilities, with interrupts on,
+	# the LA57 bit is clear, pgtable_l5_enabled() says no, KASAN's shadow
+	# start moves and an interrupt then reports a wild-memory-access on its
+	# irq_desc (7.3.4, at 0.006 s, before any of our code runs). Boot with
+	# 4-level paging.
+	if [ "$SANITIZE" = kasan ] && [ "$ARCH" = x86_64 ]; then
+		info "KASAN: booting with no5lvl (7.3's early-boot LA57 false report)"
+		cmdline+=" no5lvl"
+	fi
+	cpus=$(vm_cpus)
+	vngargs=(--run "$image" --verbose --cpus "$cpus" --memory "${VM_MEM:-2G}"
+		--rwdir "$out" --cwd "$REPO"
+		--append "$cmdline")
+	[ "$VM_ACCEL" = tcg ] && vngargs+=(--disable-kvm)
+
+	info "booting $image ($cpus vCPUs, ${VM_MEM:-2G}, timeout ${VM_TIMEOUT:-1200}s); console: $out/console.log"
+	start=$(date +%s)
+	# vng must not write straight into a file (QEMU reopens fd 1/2): pipe it.
+	timeout -k 10 "${VM_TIMEOUT:-1200}" vng "${vngargs[@]}" \
+		--exec "$cmd" </dev/null 2>&1 |
+		tee "$out/console.log" | sed -u 's/^/    | /' | grep --line-buffered -E '^    \| (==>|#|ok|not ok|error)' || true
+	rc=${PIPESTATUS[0]}
+	took=$(($(date +%s) - start))
+	echo "$took" >"$out/boot-secs"
+	echo "$VM_ACCEL" >"$out/accel"
+	if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+		last_kernel_lines "$out"
+		die "guest timed out after ${took}s (console log: $out/console.log)"
+	fi
+	if [ ! -f "$out/guest-done" ]; then
+		last_kernel_lines "$out"
+		die "guest did not finish its script (exit $rc after ${took}s; panic or crash?): see $out/console.log"
+	fi
+	info "guest finished in ${took}s"
+}

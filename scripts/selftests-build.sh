@@ -7,6 +7,8 @@
 # static link. Incremental; takes the same lock as the kernel build. KDIR is
 # unset for it: test_kmods/Makefile has its own KDIR (our tree, via O=).
 # Our own test module (top-level Kbuild) is built with M=<repo> MO=<dir>.
+# BENCH=1 (make bench) also builds the bench binary (benchs/, ours
+# registered by selftests/fixups/0003-*), into the same O= dir.
 #
 # ARCH=arm64: cross-built (ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-),
 # test_progs and test_maps static, against the arm64 sysroot of
@@ -17,7 +19,7 @@
 # they stay x86_64. BPF objects: clang --target=bpfel against the arm64
 # vmlinux's BTF (vmlinux.h), -D__TARGET_ARCH_arm64 (the Makefile's SRCARCH).
 #
-# Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [KDIR=..] scripts/selftests-build.sh
+# Usage: [ARCH=..] [BASELINE=1] [SANITIZE=kasan] [KDIR=..] [BENCH=1] scripts/selftests-build.sh
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
@@ -85,6 +87,17 @@ if [ "$ARCH" = arm64 ]; then
 		file -b "$obj/$b" | grep -q 'ARM aarch64.*statically linked' ||
 			die "$obj/$b is not a static arm64 executable: $(file -b "$obj/$b")"
 	done
+fi
+
+# A make of its own: a bench that does not build must not cost test_progs.
+if [ "${BENCH:-0}" = 1 ]; then
+	info "building the bench binary (log: $log)"
+	rc=0
+	env -u KDIR make -C "$st" "${stvars[@]}" -j"${JOBS:-$(nproc)}" bench >>"$log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ] || [ ! -x "$obj/bench" ]; then
+		grep -E 'error|Error|SKIP-' "$log" | tail -30 >&2 || true
+		die "bench build failed (exit $rc); full log: $log"
+	fi
 fi
 
 if [ -f "$REPO/Kbuild" ]; then

@@ -13,6 +13,8 @@
 #     through a private apt state ($CACHE/apt-arm64: the host's dpkg gets no
 #     foreign architecture), sha256-checked, unpacked with dpkg -x into
 #     ARM64_SYSROOT, never installed
+#   - matplotlib (make bench's chart) from PyPI into virtme-ng's venv, every
+#     wheel pinned by version and sha256 (scripts/bench-requirements.txt)
 #
 # The backports suites are added with a low pin priority, so nothing is ever
 # upgraded from them implicitly. trixie/sid main suites are never added.
@@ -234,6 +236,19 @@ setup_vng() {
 	fi
 }
 
+# matplotlib for scripts/bench.py, in the same venv: wheels only, each pinned
+# with its sha256 (pip --require-hashes refuses anything else).
+setup_bench_py() {
+	local req=$REPO/scripts/bench-requirements.txt want
+	want=$(sed -n 's/^matplotlib==\([^ ]*\).*/\1/p' "$req")
+	[ -n "$want" ] || die "no matplotlib pin in $req"
+	if [ "$("$VNG_VENV/bin/python3" -c 'import matplotlib; print(matplotlib.__version__)' 2>/dev/null)" != "$want" ]; then
+		info "pip install matplotlib==$want (hash-pinned, $req)"
+		"$VNG_VENV/bin/pip" install -q --require-hashes --only-binary :all: -r "$req" ||
+			die "pip install of $req failed (a wheel for this Python/arch missing, or a hash mismatch)"
+	fi
+}
+
 setup_kernel_source() {
 	[ -n "${KDIR:-}" ] && return 0
 	local dest=$CACHE/src/$LINUX_SRC_PKG-$LINUX_SRC_VER
@@ -252,6 +267,7 @@ setup_apt
 install_pkgs
 setup_rust
 setup_vng
+setup_bench_py
 setup_kernel_source
 setup_arm64_sysroot
-info "setup complete: rustc $RUSTC_WANT, rust-src $RUST_SRC_VER, bindgen $BINDGEN_VER, virtme-ng $VNG_VER, $(qemu-system-x86_64 --version | head -1)"
+info "setup complete: rustc $RUSTC_WANT, rust-src $RUST_SRC_VER, bindgen $BINDGEN_VER, virtme-ng $VNG_VER, matplotlib $("$VNG_VENV/bin/python3" -c 'import matplotlib; print(matplotlib.__version__)'), $(qemu-system-x86_64 --version | head -1)"
