@@ -265,13 +265,9 @@ choose_accel() {
 # vm_boot IMAGE OUT GUEST_CMD: boot IMAGE with virtme-ng (VM_CPUS vCPUs,
 # default 2; VM_MEM, default 2G; the accelerator of choose_accel, which must
 # have run) and run GUEST_CMD in it, the repo as working directory and OUT
-# writable. At most VM_TIMEOUT seconds (default 1200). The kernel's console
-# and the guest's output go to OUT/console.log; lines starting with "==>",
-# "#", "ok", "not ok" or "error" are echoed. Writes OUT/boot-secs and
-# OUT/accel. Dies, with the last kernel lines, when the guest timed out or did
-# not create OUT/guest-done.
+# writable, through vm_run (its timeout, console.log and checks).
 vm_boot() {
-	local image=$1 out=$2 cmd=$3 cmdline="log_buf_len=16M" cpus start took rc
+	local image=$1 out=$2 cmd=$3 cmdline="log_buf_len=16M" cpus
 	local -a vngargs
 	command -v vng >/dev/null || die "vng not found: run 'make setup'"
 	command -v udevadm >/dev/null || die "vng's script mode needs udev on the host: run 'make setup'"
@@ -292,15 +288,26 @@ vm_boot() {
 	[ "$VM_ACCEL" = tcg ] && vngargs+=(--disable-kvm)
 
 	info "booting $image ($cpus vCPUs, ${VM_MEM:-2G}, timeout ${VM_TIMEOUT:-1200}s); console: $out/console.log"
+	vm_run "$out" "$VM_ACCEL" vng "${vngargs[@]}" --exec "$cmd"
+}
+
+# vm_run OUT ACCEL COMMAND...: run the guest COMMAND (vng or QEMU) for at most
+# VM_TIMEOUT seconds (default 1200), its output (the kernel's console and the
+# guest script's) into OUT/console.log; lines starting with "==>", "#", "ok",
+# "not ok" or "error" are echoed. Writes OUT/boot-secs and OUT/accel (ACCEL).
+# Dies, with the last kernel lines, when the guest timed out or did not create
+# OUT/guest-done.
+vm_run() {
+	local out=$1 accel=$2 start took rc
+	shift 2
 	start=$(date +%s)
-	# vng must not write straight into a file (QEMU reopens fd 1/2): pipe it.
-	timeout -k 10 "${VM_TIMEOUT:-1200}" vng "${vngargs[@]}" \
-		--exec "$cmd" </dev/null 2>&1 |
+	# QEMU must not write straight into a file (it reopens fd 1/2): pipe it.
+	timeout -k 10 "${VM_TIMEOUT:-1200}" "$@" </dev/null 2>&1 |
 		tee "$out/console.log" | sed -u 's/^/    | /' | grep --line-buffered -E '^    \| (==>|#|ok|not ok|error)' || true
 	rc=${PIPESTATUS[0]}
 	took=$(($(date +%s) - start))
 	echo "$took" >"$out/boot-secs"
-	echo "$VM_ACCEL" >"$out/accel"
+	echo "$accel" >"$out/accel"
 	if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
 		last_kernel_lines "$out"
 		die "guest timed out after ${took}s (console log: $out/console.log)"

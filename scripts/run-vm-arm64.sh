@@ -83,24 +83,8 @@ mapfile -t shares < <(share repo "$REPO" 1; share obj "$obj" 1; share out "$out"
 
 info "accelerator: TCG software emulation (arm64 guest on an x86_64 host); expect a slow guest"
 info "booting $image (timeout ${VM_TIMEOUT:-1200}s); console: $out/console.log"
-start=$(date +%s)
-rc=0
-timeout -k 10 "${VM_TIMEOUT:-1200}" qemu-system-aarch64 \
+vm_run "$out" tcg qemu-system-aarch64 \
 	-M virt,gic-version=3 -cpu max,pauth-impdef=on -smp "$cpus" -m "${VM_MEM:-2G}" \
 	-nographic -no-reboot -kernel "$image" -initrd "$initdir/initramfs.cpio" \
 	-append "console=ttyAMA0 irqchip.gicv3_pseudo_nmi=1 panic=-1 log_buf_len=16M" \
-	"${shares[@]}" </dev/null 2>&1 | tee "$out/console.log" | sed -u 's/^/    | /' |
-	grep --line-buffered -E '^    \| (==>|#|ok|not ok|error)' || true
-rc=${PIPESTATUS[0]}
-took=$(($(date +%s) - start))
-echo "$took" >"$out/boot-secs"
-echo tcg >"$out/accel"
-if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-	last_kernel_lines "$out"
-	die "guest timed out after ${took}s (console log: $out/console.log)"
-fi
-if [ ! -f "$out/guest-done" ]; then
-	last_kernel_lines "$out"
-	die "guest did not finish its script (exit $rc after ${took}s; panic or crash?): see $out/console.log"
-fi
-info "guest finished in ${took}s"
+	"${shares[@]}"
