@@ -13,6 +13,7 @@
 #include <sys/syscall.h>
 #include "lsdefer_testmod.h"
 #include "ls_defer_common.h"
+#include "ls_write_str.h"
 #include "task_local_storage_helpers.h"
 
 #ifndef PIDFD_THREAD
@@ -332,22 +333,6 @@ static inline int ls_self_pidfd(void)
 	if (fd < 0 && errno == EINVAL && sys_gettid() == getpid())
 		fd = sys_pidfd_open(getpid(), 0);
 	return fd;
-}
-
-static inline int ls_write_str(const char *path, const char *s)
-{
-	int fd, n, err = 0;
-
-	fd = open(path, O_WRONLY);
-	if (fd < 0)
-		return -errno;
-	n = write(fd, s, strlen(s));
-	if (n < 0)
-		err = -errno;
-	else if (n != (int)strlen(s))
-		err = -EIO;
-	close(fd);
-	return err;
 }
 
 /* Flags shared with worker threads */

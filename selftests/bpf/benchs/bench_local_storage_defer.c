@@ -57,6 +57,7 @@
 #include "bpf_util.h"
 #include "testing_helpers.h"
 #include "lsdefer_testmod.h"
+#include "ls_write_str.h"
 #include "local_storage_defer_bench.h"
 #include "local_storage_defer_bench.skel.h"
 
@@ -241,22 +242,6 @@ static void die(const char *fmt, ...)
 	va_end(ap);
 	fprintf(stderr, "\n");
 	exit(1);
-}
-
-static int write_str(const char *path, const char *s)
-{
-	int fd, n, err = 0;
-
-	fd = open(path, O_WRONLY | O_CLOEXEC);
-	if (fd < 0)
-		return -errno;
-	n = write(fd, s, strlen(s));
-	if (n < 0)
-		err = -errno;
-	else if (n != (int)strlen(s))
-		err = -EIO;
-	close(fd);
-	return err;
 }
 
 static int pin_self(int cpu)
@@ -698,7 +683,7 @@ static void *nmi_producer(void *input)
 		atomic_inc(&ctx.owner_errs);
 	for (;;) {
 		snprintf(cmd, sizeof(cmd), "%d %d 0", t + 1, NMIS_PER_WRITE);
-		if (write_str(LSDEFER_NMI_STORM, cmd)) {
+		if (ls_write_str(LSDEFER_NMI_STORM, cmd)) {
 			atomic_inc(&ctx.owner_errs);
 			usleep(1000);
 		}

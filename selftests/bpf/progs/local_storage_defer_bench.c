@@ -26,24 +26,9 @@
 /* First: its weak kfunc declarations must come before lsdefer_testmod.h's. */
 #include "local_storage_defer_bench.h"
 #include "lsdefer_testmod.h"
+#include "ls_errno.h"
 
 char _license[] SEC("license") = "GPL";
-
-#ifndef ENOENT
-#define ENOENT		2
-#endif
-#ifndef EBUSY
-#define EBUSY		16
-#endif
-#ifndef EDEADLK
-#define EDEADLK		35
-#endif
-#ifndef EOPNOTSUPP
-#define EOPNOTSUPP	95
-#endif
-#ifndef ETIMEDOUT
-#define ETIMEDOUT	110
-#endif
 
 /* struct lsdb_val's size and head, with a kptr; spelled out for checkpatch */
 struct lsdb_kval {

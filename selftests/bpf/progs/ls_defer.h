@@ -6,25 +6,7 @@
 #include <bpf/bpf_helpers.h>
 #include "lsdefer_testmod.h"
 #include "ls_defer_common.h"
-
-#ifndef ENOENT
-#define ENOENT		2
-#endif
-#ifndef ENOMEM
-#define ENOMEM		12
-#endif
-#ifndef EBUSY
-#define EBUSY		16
-#endif
-#ifndef EDEADLK
-#define EDEADLK		35
-#endif
-#ifndef EOPNOTSUPP
-#define EOPNOTSUPP	95
-#endif
-#ifndef ETIMEDOUT
-#define ETIMEDOUT	110
-#endif
+#include "ls_errno.h"
 
 /*
  * Same layout as struct ls_defer_uval. obj is a referenced kptr: __kptr,
