@@ -33,6 +33,15 @@ enum lsdb_op {
 #define LSDB_PID_BASE		0x4c5300
 #define LSDB_PID(op)		(-(LSDB_PID_BASE + (op)))
 
+/*
+ * A churn map's name, the key of its close timestamp: unique per map, and
+ * still there when bpf_local_storage_map_free() runs, where map->id is
+ * already 0 (bpf_map_free_id() at the last put).
+ */
+struct lsdb_map_name {
+	char name[16];		/* BPF_OBJ_NAME_LEN */
+};
+
 /* Counters, one set per CPU (a per-CPU array of one element) */
 struct lsdb_cnt {
 	__u64 del_ok;		/* deletes that returned 0 */

@@ -734,22 +734,25 @@ static void *map_churner(void)
 	LIBBPF_OPTS(bpf_map_create_opts, o, .map_flags = BPF_F_NO_PREALLOC);
 	struct lsdb_cnt *buf = pcpu_buf();
 	struct lsdb_val v = { .magic = LSDB_MAGIC };
-	struct bpf_map_info info;
-	__u32 len, id;
-	__u64 closed = 0, t;
+	struct lsdb_map_name *names;
+	__u64 closed = 0, made = 0, t;
 	int *fds, m, k;
 
 	o.btf_fd = bpf_object__btf_fd(ctx.skel->obj);
 	o.btf_key_type_id = bpf_map__btf_key_type_id(ctx.skel->maps.task_map);
 	o.btf_value_type_id = bpf_map__btf_value_type_id(ctx.skel->maps.task_map);
 	fds = calloc(args.maps, sizeof(*fds));
-	if (!fds)
+	names = calloc(args.maps, sizeof(*names));
+	if (!fds || !names)
 		die("out of memory");
 	for (;;) {
 		while (closed > maps_freed(buf) + MAX_INFLIGHT_MAPS)
 			usleep(1000);
 		for (m = 0; m < args.maps; m++) {
-			fds[m] = bpf_map_create(BPF_MAP_TYPE_TASK_STORAGE, "lsdb_churn",
+			memset(&names[m], 0, sizeof(names[m]));
+			snprintf(names[m].name, sizeof(names[m].name), "lsdb%010llu",
+				 (unsigned long long)made++);
+			fds[m] = bpf_map_create(BPF_MAP_TYPE_TASK_STORAGE, names[m].name,
 						sizeof(int), sizeof(v), 0, &o);
 			if (fds[m] < 0) {
 				atomic_inc(&ctx.owner_errs);
@@ -762,17 +765,9 @@ static void *map_churner(void)
 		for (m = 0; m < args.maps; m++) {
 			if (fds[m] < 0)
 				continue;
-			memset(&info, 0, sizeof(info));
-			len = sizeof(info);
-			if (bpf_map_get_info_by_fd(fds[m], &info, &len)) {
-				atomic_inc(&ctx.owner_errs);
-				close(fds[m]);
-				continue;
-			}
-			id = info.id;
 			t = get_time_ns();
 			/* CLOCK_MONOTONIC, as bpf_ktime_get_ns() */
-			if (bpf_map_update_elem(ctx.close_ts_fd, &id, &t, BPF_ANY))
+			if (bpf_map_update_elem(ctx.close_ts_fd, &names[m], &t, BPF_ANY))
 				atomic_inc(&ctx.owner_errs);
 			close(fds[m]);
 			closed++;
@@ -1052,8 +1047,12 @@ static void report_final(struct bench_res res[], int res_cnt)
 
 	w.ops = ops_of(&ctx.end.c, ctx.end.user_ops) - ops_of(&ctx.start.c, ctx.start.user_ops);
 	w.srcu = ctx.end.c.srcu_calls - ctx.start.c.srcu_calls;
-	/* The counter sits above the two state bits of srcu_gp_seq. */
-	w.gps = (ctx.end.gp_seq >> 2) - (ctx.start.gp_seq >> 2);
+	/*
+	 * The counter sits above the two state bits of srcu_gp_seq, which
+	 * starts near ULONG_MAX (SRCU_GP_SEQ_INITIAL_VAL) and wraps: subtract
+	 * first, modulo 2^64, then drop the state bits.
+	 */
+	w.gps = (ctx.end.gp_seq - ctx.start.gp_seq) >> 2;
 	w.p50 = hist_pct_us(ctx.hist_end, ctx.hist_start, 0.50, &w.lat_n);
 	w.p99 = hist_pct_us(ctx.hist_end, ctx.hist_start, 0.99, &w.lat_n);
 	w.m50 = hist_pct_us(ctx.map_hist_end, ctx.map_hist_start, 0.50, &w.map_n);

@@ -59,11 +59,11 @@ struct {
 	__type(value, struct lsdb_cnt);
 } cnt SEC(".maps");
 
-/* Map id -> CLOCK_MONOTONIC ns of its close() (map churn) */
+/* Map name -> CLOCK_MONOTONIC ns of its close() (map churn) */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
-	__type(key, __u32);
+	__type(key, struct lsdb_map_name);
 	__type(value, __u64);
 } close_ts SEC(".maps");
 
@@ -379,16 +379,17 @@ int lsdb_read_gp_seq(void *ctx)
 SEC("fexit/bpf_local_storage_map_free")
 int BPF_PROG(lsdb_map_freed, struct bpf_map *map)
 {
-	__u32 id = map->id;
+	struct lsdb_map_name key = {};
 	struct lsdb_cnt *c;
 	__u64 *t, now;
 
-	t = bpf_map_lookup_elem(&close_ts, &id);
+	bpf_probe_read_kernel(key.name, sizeof(key.name), map->name);
+	t = bpf_map_lookup_elem(&close_ts, &key);
 	if (!t)
 		return 0;
 	now = bpf_ktime_get_ns();
 	hist_add(map_hist, now > *t ? now - *t : 0);
-	bpf_map_delete_elem(&close_ts, &id);
+	bpf_map_delete_elem(&close_ts, &key);
 	c = cnt_get();
 	if (c)
 		__sync_fetch_and_add(&c->maps_freed, 1);
