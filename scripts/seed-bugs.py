@@ -23,7 +23,7 @@ VARIANTS = {
           ("ls_defer_hardirq", "ls_defer_nmi")),
     "2": ("regular RCU instead of Tasks Trace RCU",
           ("ls_defer_sleepable",)),
-    "3": ("no flush at map free",
+    "3": ("no wait for the engine at map free",
           ("ls_defer_map_free",)),
 }
 TESTS = ("ls_defer_nmi", "ls_defer_hardirq", "ls_defer_sleepable", "ls_defer_map_free",

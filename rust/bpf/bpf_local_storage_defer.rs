@@ -49,9 +49,8 @@
 //!
 //! # Flush
 //!
-//! [`Engine::flush`] frees, before it returns, every item queued before it was called. It is
-//! what `bpf_local_storage_map_free()` needs for elements before the map's `btf_record` and
-//! buckets go away (storages never read the map: map free does not flush them).
+//! [`Engine::flush`] frees, before it returns, every item queued before it was called: what an
+//! engine needs before it is dropped (the kernel's two engines never are; the KUnit tests' are).
 //! `rcu_barrier_tasks_trace()` alone does not do: items may sit in `pending` with no callback
 //! queued for them, and a callback that re-arms queues a new callback the barrier does not wait
 //! for. Per CPU, `started` counts the batches taken (incremented by the token owner *before*
@@ -80,10 +79,35 @@
 //! stored by a later flusher: it is larger, still counts only batches taken before that
 //! flusher's step 2, and `started - completed <= 1` bounds the wait by one grace period.
 //!
-//! Concurrent flushes (several maps freed at once) share their grace periods: flushers that
-//! draw tickets while one is in step 3 queue on `free_lock`, and the first of them to get it
-//! frees what all of them took after one more grace period; the others find their ticket
-//! covered and only wait in step 4, which needs no lock.
+//! Concurrent flushes share their grace periods: flushers that draw tickets while one is in
+//! step 3 queue on `free_lock`, and the first of them to get it frees what all of them took
+//! after one more grace period; the others find their ticket covered and only wait in step 4,
+//! which needs no lock.
+//!
+//! # Map free
+//!
+//! `bpf_local_storage_map_free()` must not free the map's `btf_record` while an element of the
+//! map waits here: [`Selem`]'s free reads it (`bpf_obj_free_fields()`). It does not flush: a
+//! flush would free, and wait for, every CPU's batches of every map, a grace period or two and
+//! as many frees as the other maps' deletes queued. Instead each map counts its elements that
+//! the engine holds, in `smap->deferred`, and map free waits for that count to be 0:
+//!
+//! - [`bpf_selem_free_deferred`] increments it before the element is queued. Its caller holds a
+//!   reference to the map (a program that uses the map, a syscall on its fd, an update), and
+//!   every reference is dropped with a fully ordered atomic before map free runs, so map free
+//!   reads every increment and none can follow;
+//! - [`Selem`]'s free decrements it, fully ordered, after `bpf_obj_free_fields()` and
+//!   `kfree()`: its last access to the map. If that made it 0 it calls `wake_up_var()`, which
+//!   only hashes the address (the map may be gone by then). Map free reads 0 with acquire
+//!   ordering, so its frees come after the element's.
+//!
+//! An element is never flushed and the chain frees it on its own (nothing is stranded, see
+//! above), a grace period or two after its queueing; so map free waits for its own elements and
+//! for no other map's, takes no lock, and maps freed together do not wait for each other. A
+//! reader that holds a grace period holds it up, as it holds up `rcu_barrier_tasks_trace()`.
+//! Storages are not counted: freeing one never reads a map. Once the engine is ready no element
+//! is freed by `call_rcu_tasks_trace()`, so no RCU callback reads a map, and map free skips the
+//! `rcu_barrier_tasks_trace()` and `rcu_barrier()` it does without the engine.
 //!
 //! # CPU hotplug
 //!
@@ -94,7 +118,8 @@
 //! engine calls from a CPU hotplug "dead" callback (on a control CPU, once the CPU is gone) and
 //! from an "online" callback (on the CPU, once it is up again). Everything queued while the CPU
 //! was online had its irq_work run by `smpcfd_dying_cpu()` before the CPU went down; a chain
-//! already in flight runs its callbacks on other CPUs. A flush also takes offline CPUs' lists.
+//! already in flight runs its callbacks on other CPUs. A flush also takes offline CPUs' lists;
+//! map free does not need them taken, it waits for the kicks.
 //!
 //! # Statistics
 //!
@@ -899,8 +924,28 @@ unsafe impl HasLListNode for Selem {
     }
 }
 
+/// The type of an `atomic_long_t`'s `counter`.
+#[cfg(CONFIG_64BIT)]
+type AtomicLongCounter = i64;
+/// The type of an `atomic_long_t`'s `counter`.
+#[cfg(not(CONFIG_64BIT))]
+type AtomicLongCounter = i32;
+
+/// The count of `smap`'s elements that the engine holds (`smap->deferred`).
+///
+/// # Safety
+///
+/// `smap` must point to a live map, and the map must outlive `'a`.
+unsafe fn map_deferred<'a>(
+    smap: *mut bindings::bpf_local_storage_map,
+) -> &'a Atomic<AtomicLongCounter> {
+    // SAFETY: `deferred` is an `atomic_long_t`, whose `counter` is only accessed atomically; the
+    // caller guarantees that the map outlives `'a`.
+    unsafe { Atomic::from_ptr(&raw mut (*smap).deferred.counter) }
+}
+
 impl DeferFree for Selem {
-    /// Same as the C `bpf_selem_free_trace_rcu()`.
+    /// Same as the C `bpf_selem_free_trace_rcu()`, then the map's count of held elements drops.
     unsafe fn free(obj: NonNull<Self>) {
         let selem = obj.as_ptr().cast::<bindings::bpf_local_storage_elem>();
         // SAFETY: `selem` is valid and ours. No one writes `smap` of an unlinked element; READ_ONCE
@@ -909,8 +954,9 @@ impl DeferFree for Selem {
             unsafe { kernel::sync::atomic::atomic_load(&raw mut (*selem).sdata.smap, Relaxed) };
         if !smap.is_null() {
             // SAFETY: The map and its record outlive the elements queued for it:
-            // bpf_local_storage_map_free() flushes the engine before it frees them. The grace
-            // period has elapsed, so no program can kptr_xchg() into the value any more.
+            // bpf_local_storage_map_free() waits until its `deferred` count, which counts this
+            // element until the decrement below, is 0. The grace period has elapsed, so no
+            // program can kptr_xchg() into the value any more.
             unsafe {
                 bindings::bpf_obj_free_fields(
                     (*smap).map.record,
@@ -921,6 +967,16 @@ impl DeferFree for Selem {
         // SAFETY: Allocated by bpf_map_kmalloc_nolock(), which kfree() accepts. A Tasks Trace
         // grace period implies a regular RCU grace period.
         unsafe { bindings::kfree(selem.cast_const().cast()) };
+        if !smap.is_null() {
+            // SAFETY: `smap` is alive: its `deferred` still counts this element.
+            let deferred = unsafe { map_deferred(smap) };
+            // Fully ordered: the reads of the map above come before map free sees the count
+            // drop (see "Map free" in the module documentation). Nothing touches the map after.
+            if deferred.fetch_sub(1, Full) == 1 {
+                // SAFETY: wake_up_var() only hashes the address, which may be freed by now.
+                unsafe { bindings::wake_up_var((&raw const *deferred).cast_mut().cast()) };
+            }
+        }
     }
 }
 
@@ -1141,18 +1197,28 @@ pub unsafe extern "C" fn bpf_local_storage_defer_ready() -> bool {
 /// # Safety
 ///
 /// `selem` must be an element allocated by `bpf_selem_alloc()`, unlinked from its storage and
-/// its map, that nobody else frees; ownership passes to the engine.
+/// its map, that nobody else frees; ownership passes to the engine. If its `smap` is set, the
+/// caller must hold a reference to that map.
 #[export]
 pub unsafe extern "C" fn bpf_selem_free_deferred(
     selem: *mut bindings::bpf_local_storage_elem,
 ) -> bool {
-    let (Some(engine), Some(selem)) = (SELEMS.as_ref(), NonNull::new(selem.cast::<Selem>())) else {
+    let (Some(engine), Some(nn)) = (SELEMS.as_ref(), NonNull::new(selem.cast::<Selem>())) else {
         return false;
     };
+    // SAFETY: `selem` is valid; no one writes `smap` of an unlinked element (READ_ONCE).
+    let smap: *mut bindings::bpf_local_storage_map =
+        unsafe { kernel::sync::atomic::atomic_load(&raw mut (*selem).sdata.smap, Relaxed) };
+    if !smap.is_null() {
+        // SAFETY: The caller holds a reference to the map (see "Map free" in the module
+        // documentation), so it is alive until at least the element's free.
+        // Relaxed: the caller's reference drop orders it before map free's read. NMI-safe.
+        unsafe { map_deferred(smap) }.add(1, Relaxed);
+    }
     // SAFETY: The caller passes ownership of an unlinked element; its union (`rcu`, `free_node`,
     // `llnode`) is no longer used by the C code. Readers that may hold it entered their
     // critical sections before the unlink, hence before this call.
-    unsafe { engine.queue(selem) };
+    unsafe { engine.queue(nn) };
     true
 }
 
@@ -1177,22 +1243,6 @@ pub unsafe extern "C" fn bpf_local_storage_free_deferred(
     // SAFETY: The caller passes ownership of a storage nobody can newly find.
     unsafe { engine.queue(storage) };
     true
-}
-
-/// Frees every element queued before the call.
-///
-/// Storages are not flushed: freeing one never reads a map, so a map may go away while storages
-/// freed with their last element of it still wait for their grace period.
-///
-/// # Safety
-///
-/// Must be called from a context that may sleep, outside any Tasks Trace RCU read-side critical
-/// section.
-#[export]
-pub unsafe extern "C" fn bpf_local_storage_defer_flush() {
-    if let Some(engine) = SELEMS.as_ref() {
-        engine.flush();
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2596,6 +2646,194 @@ mod tests {
         Ok(())
     }
 
+    // --- c0b. The token is given back with a fully ordered xchg: a litmus test ------------------
+
+    /// Most rounds of [`release_is_fully_ordered`], and most time it runs for.
+    const LITMUS_ROUNDS: u32 = 4_000_000;
+    const LITMUS_MS: i64 = 4_000;
+
+    /// Shared by [`release_is_fully_ordered`] (the owner) and its producer thread.
+    struct Litmus {
+        engine: Pin<KBox<Engine<TestObj>>>,
+        pool: Pool,
+        /// The CPU whose state both play on: the owner's.
+        cpu: CpuId,
+        /// The round the owner has started; the producer plays each once.
+        round: Atomic<u32>,
+        /// The last round the producer has played.
+        acked: Atomic<u32>,
+        /// Whether the producer took the token in round `acked`.
+        took: Atomic<bool>,
+        /// Set by the test when it is done.
+        stop: Atomic<bool>,
+    }
+
+    /// Spins for `n` rounds of `cpu_relax()`: the offset between the two sides of a round.
+    fn litmus_delay(n: u32) {
+        for _ in 0..n {
+            cpu_relax();
+        }
+    }
+
+    /// The producer of [`release_is_fully_ordered`], on another CPU than the owner. Each round,
+    /// after a delay that varies from round to round, it does what a producer and its irq_work
+    /// handler do on a CPU whose token is taken: adds to `pending` (`llist_add()`, a full
+    /// barrier), then tries to take the token with a fully ordered `xchg(1)` and gives up if it
+    /// was taken. Returns only once `kthread_stop()` is called.
+    ///
+    /// # Safety
+    ///
+    /// `data` must come from `Arc::as_ptr()` of an `Arc<Litmus>` that is kept alive until
+    /// `kthread_stop()` has returned for this thread.
+    unsafe extern "C" fn litmus_producer(data: *mut c_void) -> c_int {
+        // SAFETY: The test keeps the `Arc` alive until kthread_stop() returned.
+        let l = unsafe { ArcBorrow::<Litmus>::from_raw(data.cast_const().cast()) };
+        let st = l.engine.state(l.cpu);
+        let obj = l.pool.obj(0);
+        let mut seen: u32 = 0;
+        let mut idle: u32 = 0;
+        // SAFETY: Called from a kthread.
+        while !unsafe { bindings::kthread_should_stop() } {
+            let r = l.round.load(Acquire);
+            let (Some(st), Some(obj)) = (st, obj) else {
+                fsleep(Delta::from_millis(1));
+                continue;
+            };
+            if r == seen || l.stop.load(Relaxed) {
+                idle = idle.wrapping_add(1);
+                if l.stop.load(Relaxed) {
+                    fsleep(Delta::from_millis(1));
+                } else if idle % 4096 == 0 {
+                    might_sleep();
+                } else {
+                    cpu_relax();
+                }
+                continue;
+            }
+            seen = r;
+            litmus_delay(r.wrapping_mul(2_654_435_761) >> 28);
+            // SAFETY: The owner took the object off `pending` before it started the round, and
+            // it is never freed: no grace period, no free, only the two lists of this test.
+            unsafe { st.pending.add(obj) };
+            let took = st.in_flight.xchg(1, Full) == 0;
+            l.took.store(took, Relaxed);
+            l.acked.store(r, Release);
+        }
+        0
+    }
+
+    /// Guards: the owner gives the token back with a fully ordered `xchg(0)`, so that its
+    /// re-check of `pending` cannot be satisfied before the release is visible (store->load
+    /// ordering, the one a release store does not give; see "The token" in the module
+    /// documentation). A litmus test of the store-buffering shape, on two CPUs: the test holds
+    /// the token of its CPU with nothing to take and calls `release()` while a thread on another
+    /// CPU adds an object to that CPU's `pending` and tries to take the token, as a producer's
+    /// handler does. In every round one of them must end up with the token and the object: the
+    /// release's re-check sees the object and takes the token back, or the thread's `xchg(1)`
+    /// reads the released token. A round where both miss leaves the object stranded (no owner,
+    /// no irq_work to come). With `store(0, Release)` instead (`BROKEN=m02`) that outcome is
+    /// allowed on x86-64 and arm64 (a store may wait in the store buffer while a later load
+    /// runs); whether a guest under TCG shows it depends on the host. The rounds start in step,
+    /// with a delay that varies per round on each side to sweep their offset.
+    #[test]
+    fn release_is_fully_ordered() -> Result {
+        let pin = MigrateDisabled::new();
+        let cpu = CpuId::current();
+        let Some(other) = percpu::possible_cpus().find(|c| *c != cpu && percpu::cpu_online(*c))
+        else {
+            drop(pin);
+            skip(c"needs a second online CPU");
+            return Ok(());
+        };
+        let l = Arc::new(
+            Litmus {
+                engine: new_engine()?,
+                pool: Pool::new(1)?,
+                cpu,
+                round: Atomic::new(0),
+                acked: Atomic::new(0),
+                took: Atomic::new(false),
+                stop: Atomic::new(false),
+            },
+            GFP_KERNEL,
+        )?;
+        let st = l.engine.state(cpu).ok_or(EINVAL)?;
+        // SAFETY: `litmus_producer` has the signature of a thread function, and `l` lives until
+        // the kthread_stop() below.
+        let task = unsafe {
+            bindings::kthread_create_on_cpu(
+                Some(litmus_producer),
+                Arc::as_ptr(&l).cast_mut().cast(),
+                other.as_u32(),
+                c"ls_defer_litmus/%u".as_char_ptr(),
+            )
+        };
+        let task = NonNull::new(kernel::error::from_err_ptr(task)?).ok_or(ENOMEM)?;
+        // SAFETY: `task` is a kthread created above, not woken yet.
+        unsafe { bindings::wake_up_process(task.as_ptr()) };
+
+        // Own the token of this CPU, as a handler that found `pending` empty does.
+        let took = st.in_flight.xchg(1, Full) == 0;
+        let start = Instant::<Monotonic>::now();
+        let (mut rounds, mut stranded, mut lost_acks): (u32, u32, u32) = (0, 0, 0);
+        let mut producer_took: u32 = 0;
+        while took && rounds < LITMUS_ROUNDS {
+            let r = rounds.wrapping_add(1);
+            l.round.store(r, Release);
+            litmus_delay(r.wrapping_mul(40_503) >> 28);
+            // SAFETY: The test owns the token and `batch` is empty.
+            let retaken = unsafe { st.release() };
+            // Wait for the producer's half of the round (bounded: it may be preempted).
+            let mut spins: u32 = 0;
+            while l.acked.load(Acquire) != r && spins < 10_000_000 {
+                cpu_relax();
+                spins += 1;
+            }
+            if l.acked.load(Acquire) != r {
+                lost_acks += 1;
+                break;
+            }
+            let producer_has_it = l.took.load(Relaxed);
+            if producer_has_it {
+                producer_took += 1;
+            }
+            if !retaken && !producer_has_it {
+                stranded += 1;
+            }
+            // Take the object back and own the token again for the next round.
+            drop(st.pending.del_all());
+            st.in_flight.store(1, Relaxed);
+            rounds = r;
+            if rounds % 1024 == 0 {
+                if start.elapsed().as_millis() >= LITMUS_MS {
+                    break;
+                }
+                might_sleep();
+            }
+        }
+        let ms = start.elapsed().as_millis();
+        l.stop.store(true, Relaxed);
+        drop(pin);
+        // SAFETY: `task` was created above and stopped by no one else; `litmus_producer`
+        // returns only once asked to, so it has not exited.
+        unsafe { bindings::kthread_stop(task.as_ptr()) };
+        // Leave the engine as found: no token, nothing queued.
+        drop(st.pending.del_all());
+        st.in_flight.store(0, Release);
+        pr_info!(
+            "release_is_fully_ordered: {rounds} rounds in {ms} ms on CPUs {} and {}, the \
+             producer took the token in {producer_took}, stranded {stranded}\n",
+            cpu.as_u32(),
+            other.as_u32()
+        );
+
+        assert!(took);
+        assert_eq!(lost_acks, 0);
+        assert!(rounds >= 10_000);
+        assert_eq!(stranded, 0);
+        Ok(())
+    }
+
     // --- c1. A flush waits for readers too ------------------------------------------------------
 
     /// Shared by [`flush_waits_for_readers`] and its sleeping reader.
@@ -2703,8 +2941,8 @@ mod tests {
     /// Guards: a flush waits for the batches that owners took before it, not only for what it
     /// took itself. A reader holds the grace period of a batch in flight, and nothing is left
     /// in the lists; a flush that does not wait for the chain (`BROKEN=m09`) returns at once,
-    /// with the batch not freed (`freed` fails). The map free that relies on it would then free
-    /// the map before those elements' `bpf_obj_free_fields()`.
+    /// with the batch not freed (`freed` fails). An engine dropped after it would then free its
+    /// per-CPU state under a batch still in flight.
     #[test]
     fn flush_waits_for_batches_in_flight() -> Result {
         let h = start_flush_reader(1, 300)?;
@@ -2747,8 +2985,8 @@ mod tests {
     /// hotplug-style kick from task context) right after its take, before its grace period, and
     /// flushes from another thread meanwhile: the flush must not return before the batch is
     /// freed. An owner that counts after its take (`BROKEN=m05`) lets the flush read a
-    /// `started` that misses the batch and return at once (`freed_at_return` fails): map free
-    /// would then free the map before those elements' `bpf_obj_free_fields()`.
+    /// `started` that misses the batch and return at once (`freed_at_return` fails): an engine
+    /// dropped after it would free its per-CPU state under that batch.
     #[test]
     fn flush_counts_a_batch_being_taken() -> Result {
         let s = Arc::new(

@@ -150,8 +150,8 @@ static inline int ls_engine_read(struct ls_engine *e)
  * have been destroyed exactly once by the time every map is freed, which is
  * when the module's reference count is back: a map holds it through its
  * btf_record until bpf_map_free() has run map_free(). Poll fast: what map
- * free forgot to flush is freed a grace period later, if at all. Map free
- * flushes the engine's selems (their free reads the map) but not its
+ * free forgot to wait for is freed a grace period later, if at all. Map free
+ * waits for the engine's selems of the map (their free reads it) but not its
  * storages (their free never does): those the chain frees on its own.
  */
 struct ls_leak_ck {
@@ -199,8 +199,8 @@ static inline bool ls_leak_begin(struct ls_leak_ck *ck)
 
 /*
  * Checks against ck at the moment every map of the test is freed: the
- * selems (map free flushes them) and the kptr objects. Storages, which map
- * free does not flush, are ls_check_storages_freed()'s.
+ * selems (map free waits for them) and the kptr objects. Storages, which map
+ * free does not wait for, are ls_check_storages_freed()'s.
  */
 static inline bool ls_check_freed(const struct ls_leak_ck *ck, const char *what)
 {

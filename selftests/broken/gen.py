@@ -168,17 +168,13 @@ def broken2(files):
     files[h] = t
 
 
-# --- broken-3: no flush at map free ------------------------------------------
+# --- broken-3: map free does not wait for the engine ---------------------------
 
 def broken3(files):
     c = "kernel/bpf/bpf_local_storage.c"
-    t = files[c]
-    block = re.compile(r"\t/\*\n(\t \*[^\n]*\n)*?\t \*/\n\tbpf_local_storage_defer_flush\(\);\n\n")
-    if len(block.findall(t)) == 1:
-        t = block.sub("", t)
-    else:
-        t = replace(t, "\tbpf_local_storage_defer_flush();\n", "", "defer_flush call")
-    files[c] = t
+    files[c] = replace(files[c], "\tif (bpf_local_storage_defer_ready()) {\n\t\tbpf_local_storage_map_wait_deferred(smap);\n",
+                       "\tif (0 && bpf_local_storage_defer_ready()) {\n\t\tbpf_local_storage_map_wait_deferred(smap);\n",
+                       "map free wait")
 
 
 # --- engine mutations (make mutants) -------------------------------------------
@@ -302,8 +298,10 @@ MUTANTS = [
                 let taken = st.pending.del_all();
                 // SAFETY: We hold `take_lock`, which owns `drained`.""", "flush offline"),
      [ENG], "flush does not take offline CPUs' lists", "hotplug"),
-    ("m12", edit(ENG, "        if !smap.is_null() {",
-                 "        if core::hint::black_box(false) && !smap.is_null() {",
+    ("m12", edit(ENG, """        if !smap.is_null() {
+            // SAFETY: The map and its record outlive""",
+                 """        if core::hint::black_box(false) && !smap.is_null() {
+            // SAFETY: The map and its record outlive""",
                  "bpf_obj_free_fields"),
      [ENG], "elements are freed without bpf_obj_free_fields()", "kptr leak"),
     ("m13", edit(ENG, """        let _pin = MigrateDisabled::new();
@@ -342,6 +340,10 @@ MUTANTS = [
     ("m21", edit(LSC, "\tif (bpf_selem_free_deferred(selem))\n",
                  "\tif (0 && bpf_selem_free_deferred(selem))\n", "selem deferral"),
      [LSC], "deleted elements bypass the engine", "call_rcu_tasks_trace() in NMI"),
+    ("m22", edit(ENG, "        unsafe { map_deferred(smap) }.add(1, Relaxed);\n",
+                 "        let _ = smap;\n", "map count"),
+     [ENG], "queued elements are not counted in their map's deferred count",
+     "map free too early"),
 ]
 
 
@@ -365,12 +367,14 @@ VARIANTS = [  # file, edit, paths, subject, body; the id is the file's
      "kptr destroyed, while they sleep. Caught by: ls_defer_sleepable\n"
      "(deterministically: destructor runs while the program sleeps, the kptr\n"
      "is gone when it wakes up, the one it stores then leaks).\n"),
-    ("broken-3-no-flush.patch", broken3,
+    ("broken-3-no-wait.patch", broken3,
      ["kernel/bpf/bpf_local_storage.c"],
-     "bpf: local storage: do not flush the deferred-free engine at map free",
-     "bpf_local_storage_map_free() relies on rcu_barrier_tasks_trace() alone.\n"
-     "It does not wait for elements still in the engine's per-CPU lists nor for\n"
-     "a grace period chained by a callback, so they are freed after the map,\n"
+     "bpf: local storage: do not wait for the deferred-free engine at map free",
+     "bpf_local_storage_map_free() relies on rcu_barrier_tasks_trace() alone, as\n"
+     "without the engine.\n"
+     "It does not wait for the map's elements still in the engine's per-CPU\n"
+     "lists nor for a grace period chained by a callback, so they are freed\n"
+     "after the map,\n"
      "through its freed btf_record. Caught by: ls_defer_map_free (objects not\n"
      "destroyed, engine queued != freed when the map is gone; KASAN\n"
      "use-after-free or an oops when the late frees run).\n"),

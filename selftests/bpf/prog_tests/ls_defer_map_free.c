@@ -6,7 +6,7 @@
  * Freeing a deleted element reads its map's btf_record (bpf_obj_free_fields()
  * for the kptr in the value). rcu_barrier_tasks_trace() in map free does not
  * wait for elements that sit in the deferred-free engine's per-CPU lists, nor
- * for a grace period chained by a callback: map free must flush the engine, or
+ * for a grace period chained by a callback: map free must wait for the engine, or
  * those elements are freed after the map, through a freed btf_record.
  *
  * Each round, user space creates task and cgroup storage maps and puts them
@@ -36,7 +36,7 @@
  * grace periods behind (two engines, selems and storages, start their chains
  * at different times, and the barrier waits for the later one). After each
  * handover, if the maps are gone, the check runs right then, while the
- * current reader holds the rest back. A map free that flushes has freed
+ * current reader holds the rest back. A map free that waits has freed
  * everything by the time it returns.
  *
  * Those rounds run on CPU 0 alone (workers, syscalls, and the creates, whose

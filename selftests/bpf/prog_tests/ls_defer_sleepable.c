@@ -21,12 +21,12 @@
  *   value is finally freed, after the program returned;
  * - every object is destroyed exactly once (and no KASAN report: the harness
  *   checks dmesg);
- * - another map's free, which flushes the engine while the program sleeps,
- *   does not free the held element either: it was deleted, on one CPU, right
- *   after an element whose grace period the program holds in flight, so it
- *   waits in that CPU's pending list, where the flush takes it itself and
- *   must wait for a grace period before it frees it (a flush that does not:
- *   mutant m08).
+ * - another map's free while the program sleeps does not free the held
+ *   element either: it was deleted, on one CPU, right after an element whose
+ *   grace period the program holds in flight, so it waits in that CPU's
+ *   pending list, and map free waits for its own map's elements only (an
+ *   engine whose map free took other maps' elements and freed them without
+ *   a grace period fails here).
  *
  * delete_storm_held: a batch of 10^5 objects is freed in bounded steps, not
  * in one callback. Pinned to one CPU, with such a program asleep (holding the
@@ -290,7 +290,7 @@ static bool dtor_reaches(long long want, int ms)
 /*
  * Creates a task storage map that no program uses (its free does not wait for
  * a Tasks Trace grace period first), gives it an element of ours, deletes it
- * and closes the map: its free runs at once and flushes the engine.
+ * and closes the map: its free runs at once and waits for that element.
  */
 static int free_other_map(struct ls_defer_sleepable *skel)
 {
@@ -399,8 +399,8 @@ static void run_case(bool cgrp, int cgroup_fd, __u64 cgid)
 	ASSERT_TRUE(dtor_stays(dtor0, HOLD_MS / 2),
 		    "kptr destructor waits for the sleeping program (after churn)");
 	/*
-	 * Another map's free flushes the engine, which takes the held element
-	 * too: it must still wait for the sleeping program.
+	 * Another map's free waits for that map's element, queued behind the
+	 * held one: the held element must still wait for the sleeping program.
 	 */
 	if (ASSERT_OK(free_other_map(skel), "free another task storage map"))
 		ASSERT_TRUE(dtor_stays(dtor0, HOLD_MS / 2),
