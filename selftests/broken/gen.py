@@ -340,8 +340,10 @@ MUTANTS = [
     ("m21", edit(LSC, "\tif (bpf_selem_free_deferred(selem))\n",
                  "\tif (0 && bpf_selem_free_deferred(selem))\n", "selem deferral"),
      [LSC], "deleted elements bypass the engine", "call_rcu_tasks_trace() in NMI"),
-    ("m22", edit(ENG, "        unsafe { map_deferred(smap) }.add(1, Relaxed);\n",
-                 "        let _ = smap;\n", "map count"),
+    ("m22", edit(ENG, """    if !smap.is_null() {
+        // SAFETY: The caller holds a reference to the map""",
+                 """    if core::hint::black_box(false) && !smap.is_null() {
+        // SAFETY: The caller holds a reference to the map""", "map count"),
      [ENG], "queued elements are not counted in their map's deferred count",
      "map free too early"),
 ]
