@@ -972,7 +972,11 @@ impl DeferFree for Selem {
             let deferred = unsafe { map_deferred(smap) };
             // Fully ordered: the reads of the map above come before map free sees the count
             // drop (see "Map free" in the module documentation). Nothing touches the map after.
-            if deferred.fetch_sub(1, Full) == 1 {
+            let before = deferred.fetch_sub(1, Full);
+            // More frees than queueings of this map: its count is broken, and its free waits
+            // for ever (rather than free the map under elements it no longer counts).
+            warn_on!(before <= 0);
+            if before == 1 {
                 // SAFETY: wake_up_var() only hashes the address, which may be freed by now.
                 unsafe { bindings::wake_up_var((&raw const *deferred).cast_mut().cast()) };
             }
