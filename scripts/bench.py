@@ -41,6 +41,8 @@ FIGURES = [
     ("engine.gps_per_op", "engine GPs/op", True),
     ("engine.peak_pending", "engine peak pending objects", True),
     ("engine.peak_pending_bytes", "engine peak pending bytes", True),
+    ("engine.peak_pending_first_half", "engine peak pending objects, 1st half", True),
+    ("engine.peak_pending_second_half", "engine peak pending objects, 2nd half", True),
 ]
 # Figures of the free-path table (the ls-defer-* benchmarks), in its columns
 FREE_PATH = [

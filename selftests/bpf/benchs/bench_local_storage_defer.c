@@ -230,6 +230,13 @@ static struct {
 	long peak_pending;	/* deleted values not freed yet (programs' view) */
 	long peak_eng_objs;	/* engine: queued - freed, selems + storages */
 	long peak_eng_bytes;
+	/*
+	 * The same peak over the first and the second half of the measured
+	 * seconds: bounded pending memory shows as a second half no higher
+	 * than the first (a leak or a lagging chain grows it).
+	 */
+	long peak_eng_half[2];
+	__u64 measure_start_ns;	/* when the sampler started tracking */
 } ctx;
 
 static void die(const char *fmt, ...)
@@ -394,6 +401,7 @@ static void sample_peaks(struct lsdb_cnt *buf)
 	struct eng_snap e;
 	struct lsdb_cnt c;
 	long pend, sp, tp;
+	int half;
 
 	cnt_sum(&c, buf);
 	pend = (long)(retired_of(&c, user_ops()) - c.freed);
@@ -407,6 +415,9 @@ static void sample_peaks(struct lsdb_cnt *buf)
 		ctx.peak_eng_objs = sp + tp;
 	if (sp * ctx.selem_size + tp * ctx.storage_size > ctx.peak_eng_bytes)
 		ctx.peak_eng_bytes = sp * ctx.selem_size + tp * ctx.storage_size;
+	half = get_time_ns() - ctx.measure_start_ns >= env.duration_sec * 500000000ULL;
+	if (sp + tp > ctx.peak_eng_half[half])
+		ctx.peak_eng_half[half] = sp + tp;
 }
 
 static void *sampler(void *arg)
@@ -812,6 +823,7 @@ static void measure(struct bench_res *res)
 static void report_progress(int iter, struct bench_res *res, long delta_ns)
 {
 	double rate = res->hits / (delta_ns / 1e9);
+	struct eng_snap e;
 
 	if (iter >= env.warmup_sec && iter <= env.warmup_sec + env.duration_sec)
 		ctx.window_ns += delta_ns;
@@ -819,6 +831,7 @@ static void report_progress(int iter, struct bench_res *res, long delta_ns)
 		take_snap(&ctx.start);
 		memcpy(ctx.hist_start, ctx.skel->bss->lat_hist, sizeof(ctx.hist_start));
 		memcpy(ctx.map_hist_start, ctx.skel->bss->map_hist, sizeof(ctx.map_hist_start));
+		ctx.measure_start_ns = get_time_ns();
 		__atomic_store_n(&ctx.measuring, 1, __ATOMIC_RELEASE);
 	} else if (iter == env.warmup_sec + env.duration_sec) {
 		__atomic_store_n(&ctx.measuring, 0, __ATOMIC_RELEASE);
@@ -833,6 +846,10 @@ static void report_progress(int iter, struct bench_res *res, long delta_ns)
 	       rate / 1000.0 / env.producer_cnt);
 	if (res->drops)
 		printf(", refused %ld", res->drops);
+	if (eng_read(&e))
+		printf(", engine pending %lld",
+		       (long long)(e.selem.queued - e.selem.freed +
+				   e.storage.queued - e.storage.freed));
 	printf("\n");
 }
 
@@ -1023,6 +1040,8 @@ static void print_json(const struct window *w)
 			     w->ops), w->ops > 0);
 		json_s64("peak_pending", ctx.peak_eng_objs);
 		json_s64("peak_pending_bytes", ctx.peak_eng_bytes);
+		json_s64("peak_pending_first_half", ctx.peak_eng_half[0]);
+		json_s64("peak_pending_second_half", ctx.peak_eng_half[1]);
 		json_eng("selem", &e1->selem, &e0->selem);
 		json_eng("storage", &e1->storage, &e0->storage);
 		json_close();
