@@ -138,6 +138,8 @@ mutants: setup
 # count) and the aggregation (scripts/bench.py).
 BENCH_CPUS ?= 2 4
 BENCH_RUNS ?= 5
+# A regex holds '$': take it as given, or exporting it would expand '$|'.
+override BENCH_ONLY := $(value BENCH_ONLY)
 export BENCH_CPUS BENCH_RUNS BENCH_DURATION BENCH_WARMUP BENCH_ONLY BENCH_TIMEOUT
 bench: setup
 	@[ -z "$(filter-out 0,$(BASELINE))$(BROKEN)$(SANITIZE)" ] || \
