@@ -396,11 +396,19 @@ static void take_snap(struct snap *s)
 	s->eng_ok = eng_read(&s->e);
 }
 
+/* Objects the engine holds, selems and storages: queued - freed */
+static long eng_pending(const struct eng_snap *e, long *sp, long *tp)
+{
+	*sp = (long)(e->selem.queued - e->selem.freed);
+	*tp = (long)(e->storage.queued - e->storage.freed);
+	return *sp + *tp;
+}
+
 static void sample_peaks(struct lsdb_cnt *buf)
 {
 	struct eng_snap e;
 	struct lsdb_cnt c;
-	long pend, sp, tp;
+	long pend, sp, tp, objs;
 	int half;
 
 	cnt_sum(&c, buf);
@@ -409,15 +417,14 @@ static void sample_peaks(struct lsdb_cnt *buf)
 		ctx.peak_pending = pend;
 	if (!eng_read(&e))
 		return;
-	sp = (long)(e.selem.queued - e.selem.freed);
-	tp = (long)(e.storage.queued - e.storage.freed);
-	if (sp + tp > ctx.peak_eng_objs)
-		ctx.peak_eng_objs = sp + tp;
+	objs = eng_pending(&e, &sp, &tp);
+	if (objs > ctx.peak_eng_objs)
+		ctx.peak_eng_objs = objs;
 	if (sp * ctx.selem_size + tp * ctx.storage_size > ctx.peak_eng_bytes)
 		ctx.peak_eng_bytes = sp * ctx.selem_size + tp * ctx.storage_size;
 	half = get_time_ns() - ctx.measure_start_ns >= env.duration_sec * 500000000ULL;
-	if (sp + tp > ctx.peak_eng_half[half])
-		ctx.peak_eng_half[half] = sp + tp;
+	if (objs > ctx.peak_eng_half[half])
+		ctx.peak_eng_half[half] = objs;
 }
 
 static void *sampler(void *arg)
@@ -824,6 +831,7 @@ static void report_progress(int iter, struct bench_res *res, long delta_ns)
 {
 	double rate = res->hits / (delta_ns / 1e9);
 	struct eng_snap e;
+	long sp, tp;
 
 	if (iter >= env.warmup_sec && iter <= env.warmup_sec + env.duration_sec)
 		ctx.window_ns += delta_ns;
@@ -847,9 +855,7 @@ static void report_progress(int iter, struct bench_res *res, long delta_ns)
 	if (res->drops)
 		printf(", refused %ld", res->drops);
 	if (eng_read(&e))
-		printf(", engine pending %lld",
-		       (long long)(e.selem.queued - e.selem.freed +
-				   e.storage.queued - e.storage.freed));
+		printf(", engine pending %ld", eng_pending(&e, &sp, &tp));
 	printf("\n");
 }
 
