@@ -28,6 +28,8 @@ make -s -C "$tree" O="$obj" "${mk[@]}" rustavailable >/dev/null 2>&1 ||
 rm -f "$obj/.lsdefer-image-variant"
 info "building $(kernel_version "$tree") ($ARCH, $(flavour)${SANITIZE:+, $SANITIZE}) in $obj, log: $log"
 start=$(date +%s)
+command -v ccache >/dev/null || die "ccache not found: run 'make setup'"
+ccache -z >/dev/null
 # Without the outer make's flags: its -s (make -s vmtest) would silence
 # Kbuild's "  CC  file" lines, which the log and the progress line show.
 steps_file=$obj/.lsdefer-build-steps
@@ -65,6 +67,12 @@ if [ -f "$tree/.lsdefer-overlay" ]; then
 		die "the build warned about our files (above); full log: $log"
 	fi
 fi
+# ccache's figures of this build (the lock keeps other builds out of them).
+ccache --print-stats | awk -v obj="$obj" '
+	$1 ~ /^(direct|preprocessed)_cache_hit$/ { hit += $2 }
+	$1 == "cache_miss" { miss = $2 }
+	END { printf "%d C compiles from ccache, %d compiled\n", hit, miss > (obj "/.lsdefer-last-build-ccache") }'
+info "ccache: $(cat "$obj/.lsdefer-last-build-ccache") ($CCACHE_DIR)"
 echo "$took" >"$obj/.lsdefer-last-build-secs"
 # The step count of the largest build so far (a cold one): the next cold
 # build's progress line counts against it.

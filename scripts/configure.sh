@@ -77,7 +77,7 @@ known=$(mktemp)
 trap 'rm -f "$req" "$known"' EXIT
 # Other architectures' Kconfig files do not count: virtme-ng asks for
 # EARLY_PRINTK on arm64, which only x86, s390 and sh declare.
-find "$tree" -name 'Kconfig*' -not -path '*/tools/*' \
+find "$tree" -path "$tree/$BUILD_SUBDIR-*" -prune -o -name 'Kconfig*' -not -path '*/tools/*' \
 	\( -not -path "$tree/arch/*/*" -o -path "$tree/arch/$KARCH/*" \) -print0 |
 	xargs -0 sed -n 's/^[[:space:]]*\(menu\)\{0,1\}config[[:space:]]\{1,\}\([A-Za-z0-9_]*\).*/CONFIG_\2/p' |
 	LC_ALL=C sort -u >"$known"

@@ -42,6 +42,13 @@ ARM64_DEBS=(
 	"coreutils 9.1-1 ec8f090a14c684879dce251254d8d9ed0876d4480f750d5807ef04e5435e1c4d"
 )
 
+# Host packages pinned by version and sha256, "name version sha256"
+# (scripts/setup.sh installs them from the checked file). ccache: the stock
+# kernel's C objects are ours (scripts/build.sh).
+HOST_DEBS=(
+	"ccache 4.8+really4.7.5-1 d6562e03b90d4bbe299966117aef44975f57bea8270c233b1d71f1e6ba157e7d"
+)
+
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${LSDEFER_CACHE:-$HOME/.cache/lsdefer}
 ARCH=${ARCH:-x86_64}
@@ -97,14 +104,28 @@ esac
 kmake_vars() {
 	# CLIPPY=1: every Rust object is compiled by clippy-driver, so clippy runs
 	# on each build and scripts/build.sh fails on its warnings in our files.
-	local -a v=("ARCH=$KARCH" CLIPPY=1)
+	# KBUILD_BUILD_TIMESTAMP (the source's date): a reproducible build, which
+	# also makes scripts/Makefile.btf run pahole 1.24 without -j, whose BTF
+	# type order differs from link to link. With -j, every relink (an edit of
+	# the engine) changed vmlinux.h and rebuilt all the BPF selftests.
+	# CC through ccache (CCACHE_* below): see build_dir.
+	local -a v=("ARCH=$KARCH" CLIPPY=1
+		"KBUILD_BUILD_TIMESTAMP=$(date -u -r "$(pristine_dir)/Makefile" '+%Y-%m-%d %H:%M:%S UTC')")
 	if [ "$SANITIZE" = kasan ]; then
-		v+=("LLVM=-$LLVM_VER")
-	elif [ -n "$CROSS_COMPILE" ]; then
-		v+=("CROSS_COMPILE=$CROSS_COMPILE")
+		v+=("LLVM=-$LLVM_VER" "CC=ccache clang-$LLVM_VER")
+	else
+		v+=("CC=ccache ${CROSS_COMPILE}gcc")
+		[ -z "$CROSS_COMPILE" ] || v+=("CROSS_COMPILE=$CROSS_COMPILE")
 	fi
 	printf '%s\n' "${v[@]}"
 }
+
+# ccache for the kernel's C objects, in the cache; the cwd (the build dir,
+# which differs between flavours) is left out of the hash (NOHASHDIR): only
+# DW_AT_comp_dir of a shared object names the other flavour's build dir.
+export CCACHE_DIR=$CACHE/ccache
+export CCACHE_NOHASHDIR=1
+export CCACHE_MAXSIZE=${CCACHE_MAXSIZE:-16G}
 
 # Identity of the kernel source: the pinned package, or a hash of KDIR's path.
 src_id() {
@@ -176,8 +197,14 @@ boot_image() {
 # Build dir keyed by source (kernel version), flavour, arch and sanitizer.
 # An edit of a fragment re-runs olddefconfig in the same dir (see
 # scripts/configure.sh), so the rebuild stays incremental.
+# It is a direct subdirectory of the flavour's tree: Kbuild then names the
+# source "..", so every compiler command line and every preprocessed line
+# marker is the same in ours and stock's build dirs, and the stock kernel's C
+# compiles are ccache hits of ours (except the files our overlay or our two
+# config options touch). tree.sh's rsync protects it.
+BUILD_SUBDIR=.lsdefer-build
 build_dir() {
-	echo "$CACHE/build/$(src_id)-$(flavour)-$ARCH${SANITIZE:+-$SANITIZE}"
+	echo "$(tree_dir)/$BUILD_SUBDIR-$ARCH${SANITIZE:+-$SANITIZE}"
 }
 
 kernel_version() {

@@ -5,6 +5,8 @@
 # registries only:
 #   - Debian bookworm packages (compilers, kernel build deps, udev, ...)
 #   - qemu-system-x86/arm from bookworm-backports
+#   - ccache (HOST_DEBS in lib.sh: bookworm's, pinned by version and sha256,
+#     fetched with apt-get download and installed from the checked file)
 #   - Debian's rust-src of exactly the version of the machine's rustc
 #     (trixie-backports, fetched with apt-get download, unpacked with dpkg -x)
 #   - bindgen-cli from crates.io, virtme-ng from PyPI, at pinned versions
@@ -80,6 +82,31 @@ apt_update_once() {
 		$SUDO apt-get update -qq || die "apt-get update failed"
 		APT_UPDATED=1
 	fi
+}
+
+# install_pinned_debs: HOST_DEBS (lib.sh), each "name version sha256":
+# apt-get download of exactly that version, the file's sha256 checked, then
+# apt-get install of that file (its dependencies from bookworm).
+install_pinned_debs() {
+	local entry name ver sum have deb dl=$CACHE/dl
+	for entry in "${HOST_DEBS[@]}"; do
+		read -r name ver sum <<<"$entry"
+		have=$(dpkg-query -W -f='${Status} ${Version}' "$name" 2>/dev/null || true)
+		[ "$have" != "install ok installed $ver" ] || continue
+		deb=$dl/$(echo "${name}_${ver}_$(dpkg --print-architecture).deb" | sed 's/:/%3a/')
+		mkdir -p "$dl"
+		if [ ! -f "$deb" ]; then
+			apt_update_once
+			info "downloading $name=$ver"
+			(cd "$dl" && apt-get download -q "$name=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
+				die "apt-get download $name=$ver failed (a point release may have replaced $ver: update HOST_DEBS in scripts/lib.sh)"
+			[ -f "$deb" ] || die "apt-get download $name=$ver did not leave $deb"
+		fi
+		echo "$sum  $deb" | sha256sum -c --quiet - || die "checksum mismatch for $deb (want $sum)"
+		info "installing $name=$ver"
+		$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" ||
+			die "apt-get install of $deb failed"
+	done
 }
 
 install_pkgs() {
@@ -265,6 +292,7 @@ setup_kernel_source() {
 
 setup_apt
 install_pkgs
+install_pinned_debs
 setup_rust
 setup_vng
 setup_bench_py

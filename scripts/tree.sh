@@ -44,9 +44,11 @@ if [ -f "$dst/.lsdefer-overlay" ]; then
 	sed 's|^|/|' "$dst/.lsdefer-overlay" >"$excl"
 fi
 info "syncing $src -> $dst (kernel $ver)"
-# P rules protect what the selftests build writes into its own directory.
+# P rules protect what the selftests build writes into its own directory, and
+# the build dirs (lib.sh's build_dir).
 rsync -a --delete --exclude=/.git --exclude=/.lsdefer-overlay \
 	--exclude-from="$excl" \
 	--filter='P /tools/testing/selftests/bpf/**' \
 	--filter='P /tools/testing/selftests/bpf/' \
+	--filter="P /$BUILD_SUBDIR-*/" \
 	"$src/" "$dst/"
