@@ -25,6 +25,7 @@
 #            LSDEFER_CACHE=dir (default ~/.cache/lsdefer)
 #            BENCH_CPUS="2 4" BENCH_RUNS=5 BENCH_DURATION=5 BENCH_WARMUP=1
 #            BENCH_ONLY=<regex of workload ids>
+#            BENCH_PROFILE=<regex of workload ids to profile with perf>
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -140,7 +141,8 @@ BENCH_CPUS ?= 2 4
 BENCH_RUNS ?= 5
 # A regex holds '$': take it as given, or exporting it would expand '$|'.
 override BENCH_ONLY := $(value BENCH_ONLY)
-export BENCH_CPUS BENCH_RUNS BENCH_DURATION BENCH_WARMUP BENCH_ONLY BENCH_TIMEOUT
+override BENCH_PROFILE := $(value BENCH_PROFILE)
+export BENCH_CPUS BENCH_RUNS BENCH_DURATION BENCH_WARMUP BENCH_ONLY BENCH_PROFILE BENCH_TIMEOUT
 bench: setup
 	@[ -z "$(filter-out 0,$(BASELINE))$(BROKEN)$(SANITIZE)" ] || \
 		{ echo "error: make bench builds and measures both plain kernels: unset BASELINE, BROKEN and SANITIZE" >&2; exit 1; }; \

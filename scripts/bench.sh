@@ -13,6 +13,8 @@
 #   BENCH_DURATION  measured seconds per run (default 5)
 #   BENCH_WARMUP    warm-up seconds per run (default 1)
 #   BENCH_ONLY      extended regex of workload ids to run (default: all)
+#   BENCH_PROFILE   extended regex of workload ids to profile: one more run
+#                   each under perf in the guest (raw/<kernel>-<n>cpu/perf/)
 #   BENCH_TIMEOUT   seconds per boot (default 10800)
 #   VM_MEM, ACCEL   as for scripts/run-vm.sh
 # Raw outputs: out/bench/raw/<kernel>-<n>cpu/ (bench.jsonl, logs/, console.log).
@@ -62,6 +64,7 @@ for n in $cpus; do
 			BENCH_DURATION=${BENCH_DURATION:-5}
 			BENCH_WARMUP=${BENCH_WARMUP:-1}
 			BENCH_ONLY='${BENCH_ONLY:-}'
+			BENCH_PROFILE='${BENCH_PROFILE:-}'
 			BENCH_KERNEL=$kernel
 			KMODS="$kmods"
 		ENV

@@ -44,9 +44,11 @@ ARM64_DEBS=(
 
 # Host packages pinned by version and sha256, "name version sha256"
 # (scripts/setup.sh installs them from the checked file). ccache: the stock
-# kernel's C objects are ours (scripts/build.sh).
+# kernel's C objects are ours (scripts/build.sh). linux-perf: make bench's
+# profiles (BENCH_PROFILE), in the guest, which shares the host's root.
 HOST_DEBS=(
 	"ccache 4.8+really4.7.5-1 d6562e03b90d4bbe299966117aef44975f57bea8270c233b1d71f1e6ba157e7d"
+	"linux-perf 6.1.192-3 b305d33042097b18097f546a4958889160bcb47efaef82f52d7a4317ff22dc6e"
 )
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

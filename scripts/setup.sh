@@ -5,8 +5,9 @@
 # registries only:
 #   - Debian bookworm packages (compilers, kernel build deps, udev, ...)
 #   - qemu-system-x86/arm from bookworm-backports
-#   - ccache (HOST_DEBS in lib.sh: bookworm's, pinned by version and sha256,
-#     fetched with apt-get download and installed from the checked file)
+#   - ccache, linux-perf (HOST_DEBS in lib.sh: bookworm's, pinned by version
+#     and sha256, fetched with apt-get download and installed from the
+#     checked file)
 #   - Debian's rust-src of exactly the version of the machine's rustc
 #     (trixie-backports, fetched with apt-get download, unpacked with dpkg -x)
 #   - bindgen-cli from crates.io, virtme-ng from PyPI, at pinned versions

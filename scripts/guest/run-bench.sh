@@ -13,6 +13,10 @@
 #   BENCH_ONLY      extended regex: only workloads whose id matches
 #   BENCH_KERNEL    lsdefer or baseline, copied into every line
 #   KMODS           modules to load (lsdefer_testmod: kptr values, NMIs)
+#   BENCH_PROFILE   extended regex: after its measured runs, each matching
+#                   workload runs once more under perf (cpu-clock sampling,
+#                   all CPUs: TCG has no PMU); the flat profile by symbol in
+#                   OUTDIR/perf/<workload>.txt, the data next to it
 # Lines: {"kernel","cpus","workload","bench","args","run","ok","rc","log",
 # "metrics"}; metrics are the bench's own JSON line for the ls-defer-*
 # benchmarks, {"ops_per_sec": ...} parsed from the Summary line for the
@@ -25,12 +29,17 @@ set -euo pipefail
 out=${1:?usage: run-bench.sh OUTDIR}
 [ -f "$out/bench.env" ] || { echo "error: no $out/bench.env (written by scripts/bench.sh)" >&2; exit 1; }
 BENCH_DIR='' BENCH_RUNS=5 BENCH_DURATION=5 BENCH_WARMUP=1 BENCH_ONLY='' BENCH_KERNEL='' KMODS=''
+BENCH_PROFILE=''
 # shellcheck disable=SC1091
 . "$out/bench.env"
 [ -x "$BENCH_DIR/bench" ] || { echo "error: no $BENCH_DIR/bench: make bench builds it (BENCH=1 scripts/selftests-build.sh)" >&2; exit 1; }
 case "$BENCH_RUNS$BENCH_DURATION$BENCH_WARMUP" in
 *[!0-9]*) echo "error: BENCH_RUNS, BENCH_DURATION and BENCH_WARMUP must be numbers" >&2; exit 1 ;;
 esac
+if [ -n "$BENCH_PROFILE" ] && ! command -v perf >/dev/null; then
+	echo "error: BENCH_PROFILE is set but there is no perf in the guest (make setup installs it)" >&2
+	exit 1
+fi
 
 ncpu=$(nproc)
 echo "==> guest: $(uname -r), $ncpu CPUs, $BENCH_KERNEL kernel, $BENCH_RUNS runs of -w$BENCH_WARMUP -d$BENCH_DURATION"
@@ -124,6 +133,26 @@ metrics() {
 	fi
 }
 
+# profile ID BARGS: one more run of workload ID under perf, not counted; its
+# flat profile (symbols above 0.2% of the samples) in perf/ID.txt
+profile() {
+	local id=$1 bargs=$2 data=$out/perf/$1.data rc=0
+	mkdir -p "$out/perf"
+	echo 0 >/proc/sys/kernel/kptr_restrict
+	# shellcheck disable=SC2086 # bargs is a word list
+	(cd "$BENCH_DIR" && timeout -k 10 $((BENCH_WARMUP + BENCH_DURATION + 120)) \
+		perf record -q -e cpu-clock -F 999 -a -o "$data" -- \
+		./bench -w"$BENCH_WARMUP" -d"$BENCH_DURATION" $bargs) >"$out/perf/$id.log" 2>&1 || rc=$?
+	if [ "$rc" != 0 ]; then
+		echo "==> guest: $id: profiled run FAILED (exit $rc): $(tail -n 1 "$out/perf/$id.log")"
+		failed=$((failed + 1))
+		return
+	fi
+	perf report -i "$data" --stdio --no-children --sort sym --percent-limit 0.2 \
+		>"$out/perf/$id.txt" 2>>"$out/perf/$id.log"
+	echo "==> guest: $id: profiled, $(grep -m1 -o '[0-9]* samples' "$out/perf/$id.txt" || echo '? samples') in perf/$id.txt"
+}
+
 start=$(date +%s)
 total=0
 failed=0
@@ -156,6 +185,9 @@ for w in "${workloads[@]}"; do
 			"$m" "$(engine_delta "$before" "$after")" >>"$out/bench.jsonl"
 	done
 	echo "==> guest: $id: $BENCH_RUNS runs done ($(($(date +%s) - start))s)"
+	if [ -n "$BENCH_PROFILE" ] && [[ $id =~ $BENCH_PROFILE ]]; then
+		profile "$id" "$bargs"
+	fi
 done
 echo "==> guest: $total runs, $failed failed, $(($(date +%s) - start))s"
 
