@@ -21,6 +21,7 @@
 # Variables: ARCH=x86_64|arm64  KDIR=/path/to/linux  BASELINE=1
 #            SANITIZE=kasan  ACCEL=kvm|tcg  VM_TIMEOUT=secs  JOBS=n
 #            TESTS=test[,test]  SELFTESTS=0 (KUnit only)  VM_CPUS=n (2)
+#            VM_APPEND=<more kernel command line>
 #            TEST_MAPS=<map test>|all|0 (default: sk_storage_map)
 #            LSDEFER_CACHE=dir (default ~/.cache/lsdefer)
 #            BENCH_CPUS="2 4" BENCH_RUNS=5 BENCH_DURATION=5 BENCH_WARMUP=1
@@ -31,7 +32,7 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-export ARCH KDIR BASELINE BROKEN SANITIZE ACCEL VM_TIMEOUT JOBS LSDEFER_CACHE TESTS SELFTESTS TEST_MAPS
+export ARCH KDIR BASELINE BROKEN SANITIZE ACCEL VM_TIMEOUT VM_APPEND JOBS LSDEFER_CACHE TESTS SELFTESTS TEST_MAPS
 
 S := scripts
 LIB := source $(S)/lib.sh

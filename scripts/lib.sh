@@ -292,11 +292,11 @@ choose_accel() {
 }
 
 # vm_boot IMAGE OUT GUEST_CMD: boot IMAGE with virtme-ng (VM_CPUS vCPUs,
-# default 2; VM_MEM, default 2G; the accelerator of choose_accel, which must
-# have run) and run GUEST_CMD in it, the repo as working directory and OUT
+# default 2; VM_MEM, default 2G; VM_APPEND, more kernel command line; the
+# accelerator of choose_accel, which must have run) and run GUEST_CMD in it, the repo as working directory and OUT
 # writable, through vm_run (its timeout, console.log and checks).
 vm_boot() {
-	local image=$1 out=$2 cmd=$3 cmdline="log_buf_len=16M" cpus
+	local image=$1 out=$2 cmd=$3 cmdline="log_buf_len=16M${VM_APPEND:+ $VM_APPEND}" cpus
 	local -a vngargs
 	command -v vng >/dev/null || die "vng not found: run 'make setup'"
 	command -v udevadm >/dev/null || die "vng's script mode needs udev on the host: run 'make setup'"

@@ -17,13 +17,15 @@
 #
 # Pseudo-NMI (ARM64_PSEUDO_NMI, irqchip.gicv3_pseudo_nmi=1) is on: the PMU's
 # overflow interrupt is a pseudo-NMI, which the test module and the engine's
-# KUnit use to raise NMIs (docs/arm64-nmi.md).
+# KUnit use to raise NMIs (docs/arm64-nmi.md). VM_APPEND is appended to the
+# kernel command line: VM_APPEND=irqchip.gicv3_pseudo_nmi=0 turns them off,
+# and the NMI tests then say SKIP with the reason.
 #
 # Every boot is bounded by VM_TIMEOUT seconds (default 1200). A hung or
 # panicked guest fails; its console log is kept in <out>/console.log.
 #
 # Usage: ARCH=arm64 [BASELINE=1] [VM_TIMEOUT=..] [VM_CPUS=..] [TESTS=...]
-#        [SELFTESTS=0] scripts/run-vm-arm64.sh
+#        [SELFTESTS=0] [VM_APPEND=..] scripts/run-vm-arm64.sh
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 [ "${LSDEFER_LOCKED:-}" = 1 ] || exec "$REPO/scripts/locked.sh" "$0" "$@"
@@ -86,5 +88,5 @@ info "booting $image (timeout ${VM_TIMEOUT:-1200}s); console: $out/console.log"
 vm_run "$out" tcg qemu-system-aarch64 \
 	-M virt,gic-version=3 -cpu max,pauth-impdef=on -smp "$cpus" -m "${VM_MEM:-2G}" \
 	-nographic -no-reboot -kernel "$image" -initrd "$initdir/initramfs.cpio" \
-	-append "console=ttyAMA0 irqchip.gicv3_pseudo_nmi=1 panic=-1 log_buf_len=16M" \
+	-append "console=ttyAMA0 irqchip.gicv3_pseudo_nmi=1 panic=-1 log_buf_len=16M${VM_APPEND:+ $VM_APPEND}" \
 	"${shares[@]}"

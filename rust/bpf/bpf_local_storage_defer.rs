@@ -138,6 +138,7 @@ use kernel::{
     cpu::CpuId,
     debugfs::Dir,
     impl_has_irq_work,
+    impl_has_llist_node_c,
     impl_has_work,
     irq_work::{
         IrqWork,
@@ -146,8 +147,7 @@ use kernel::{
     llist::{
         HasLListNode,
         LListBatch,
-        LListHead,
-        LListNode, //
+        LListHead, //
     },
     percpu::{
         self,
@@ -904,23 +904,12 @@ struct Selem(Opaque<bindings::bpf_local_storage_elem>);
 // to the CPU or task that allocated it.
 unsafe impl Send for Selem {}
 
-// SAFETY: `llnode` is a member of the anonymous union that also holds `rcu` and `free_node`;
-// once the element is handed to `bpf_selem_free_deferred()` none of them is used by anybody else.
-unsafe impl HasLListNode for Selem {
-    #[inline]
-    unsafe fn raw_get_llist_node(ptr: *mut Self) -> *mut LListNode {
-        let selem = ptr.cast::<bindings::bpf_local_storage_elem>();
-        // SAFETY: The caller guarantees that `ptr` points to a valid element.
-        LListNode::from_raw(unsafe { &raw mut (*selem).__bindgen_anon_1.llnode })
-    }
-
-    #[inline]
-    unsafe fn llist_node_container_of(ptr: *mut LListNode) -> *mut Self {
-        // `llnode` is a member of the anonymous union: it starts where the union starts.
-        let offset = core::mem::offset_of!(bindings::bpf_local_storage_elem, __bindgen_anon_1);
-        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid element, which
-        // starts `offset` bytes before it.
-        unsafe { ptr.byte_sub(offset) }.cast()
+// SAFETY: `Selem` is `repr(transparent)` over the C element. `llnode` is a member of the anonymous
+// union that also holds `rcu` and `free_node`; once the element is handed to
+// `bpf_selem_free_deferred()` none of them is used by anybody else.
+impl_has_llist_node_c! {
+    unsafe impl HasLListNode for Selem as bindings::bpf_local_storage_elem {
+        self.__bindgen_anon_1.llnode
     }
 }
 
@@ -991,23 +980,12 @@ struct Storage(Opaque<bindings::bpf_local_storage>);
 // SAFETY: A storage may be freed on any CPU.
 unsafe impl Send for Storage {}
 
-// SAFETY: `llnode` shares an anonymous union with `rcu` only; once the storage is handed to
-// `bpf_local_storage_free_deferred()` neither is used by anybody else.
-unsafe impl HasLListNode for Storage {
-    #[inline]
-    unsafe fn raw_get_llist_node(ptr: *mut Self) -> *mut LListNode {
-        let storage = ptr.cast::<bindings::bpf_local_storage>();
-        // SAFETY: The caller guarantees that `ptr` points to a valid storage.
-        LListNode::from_raw(unsafe { &raw mut (*storage).__bindgen_anon_1.llnode })
-    }
-
-    #[inline]
-    unsafe fn llist_node_container_of(ptr: *mut LListNode) -> *mut Self {
-        // `llnode` is a member of the anonymous union: it starts where the union starts.
-        let offset = core::mem::offset_of!(bindings::bpf_local_storage, __bindgen_anon_1);
-        // SAFETY: The caller guarantees that `ptr` is the `llnode` of a valid storage, which
-        // starts `offset` bytes before it.
-        unsafe { ptr.byte_sub(offset) }.cast()
+// SAFETY: `Storage` is `repr(transparent)` over the C storage. `llnode` shares an anonymous union
+// with `rcu` only; once the storage is handed to `bpf_local_storage_free_deferred()` neither is used
+// by anybody else.
+impl_has_llist_node_c! {
+    unsafe impl HasLListNode for Storage as bindings::bpf_local_storage {
+        self.__bindgen_anon_1.llnode
     }
 }
 
@@ -1265,6 +1243,7 @@ mod tests {
     use kernel::{
         impl_has_hr_timer,
         impl_has_llist_node,
+        llist::LListNode,
         processor::cpu_relax,
         sync::{
             rcu,

@@ -80,17 +80,15 @@ impl Default for LListNode {
 
 /// Declares that a type embeds an [`LListNode`] and how to get from one to the other.
 ///
-/// Use [`impl_has_llist_node!`] for a Rust struct with an [`LListNode`] field. A C struct with an
-/// embedded `struct llist_node` (possibly inside an anonymous union) implements the trait by hand
-/// with [`LListNode::from_raw`] and [`container_of!`].
+/// Use [`impl_has_llist_node!`] for a Rust struct with an [`LListNode`] field, and
+/// [`impl_has_llist_node_c!`] for a `#[repr(transparent)]` wrapper of a C struct with an embedded
+/// `struct llist_node` (possibly inside an anonymous union).
 ///
 /// # Safety
 ///
 /// [`HasLListNode::raw_get_llist_node`] must return a pointer to a node inside the object that
 /// stays valid as long as the object, is used by no other code while the object is on a list,
 /// and [`HasLListNode::llist_node_container_of`] must be its exact inverse.
-///
-/// [`container_of!`]: crate::container_of
 pub unsafe trait HasLListNode {
     /// Returns a pointer to the [`LListNode`] embedded in `ptr`.
     ///
@@ -145,6 +143,63 @@ macro_rules! impl_has_llist_node {
     )*};
 }
 pub use impl_has_llist_node;
+
+/// Implements [`HasLListNode`] for a `#[repr(transparent)]` wrapper of a C struct whose
+/// `struct llist_node` is the (possibly nested) field `self.a.b`: a member of an anonymous union,
+/// for instance, which bindgen names `__bindgen_anon_1`.
+///
+/// The invocation says `unsafe impl`: the macro checks that the field is a `struct llist_node` and
+/// that the wrapper has the C struct's size, but only its caller can promise that the wrapper is
+/// `#[repr(transparent)]` over the C struct and that, while an object is on a list, no other code
+/// uses the node or, for a union member, any other member of its union.
+///
+/// # Examples
+///
+/// ```
+/// use kernel::{bindings, llist::impl_has_llist_node_c, types::Opaque};
+///
+/// #[repr(transparent)]
+/// struct Work(Opaque<bindings::irq_work>);
+///
+/// // SAFETY: `Work` is `repr(transparent)` over `struct irq_work`, whose `node.llist` nobody
+/// // else uses while the item is on our list.
+/// impl_has_llist_node_c! {
+///     unsafe impl HasLListNode for Work as bindings::irq_work { self.node.llist }
+/// }
+/// ```
+#[macro_export]
+macro_rules! impl_has_llist_node_c {
+    (unsafe impl HasLListNode for $self:ty as $c:ty { self.$($field:ident).+ }) => {
+        const _: () = ::core::assert!(
+            ::core::mem::size_of::<$self>() == ::core::mem::size_of::<$c>()
+        );
+
+        // SAFETY: The invocation promises that `$self` is `repr(transparent)` over `$c` and that
+        // the node is used by nobody else while the object is on a list; `raw_get_llist_node`
+        // returns the address of the node, which only compiles if it is a `struct llist_node`,
+        // and `llist_node_container_of` subtracts the node's offset again.
+        unsafe impl $crate::llist::HasLListNode for $self {
+            #[inline]
+            unsafe fn raw_get_llist_node(ptr: *mut Self) -> *mut $crate::llist::LListNode {
+                let c = ptr.cast::<$c>();
+                // SAFETY: The caller promises that `ptr` points to a valid `Self`, that is a
+                // valid `$c`.
+                $crate::llist::LListNode::from_raw(unsafe { &raw mut (*c).$($field).+ })
+            }
+
+            #[inline]
+            unsafe fn llist_node_container_of(
+                ptr: *mut $crate::llist::LListNode,
+            ) -> *mut Self {
+                let offset = ::core::mem::offset_of!($c, $($field).+);
+                // SAFETY: The caller promises that `ptr` is the node of a valid `Self`, which
+                // starts `offset` bytes before it.
+                unsafe { ptr.byte_sub(offset) }.cast()
+            }
+        }
+    };
+}
+pub use impl_has_llist_node_c;
 
 /// The head of a lock-less list of `T`.
 ///
