@@ -45,7 +45,7 @@ declare -A images
 for b in 0 1; do
 	obj=$(BASELINE=$b build_dir)
 	images[$b]=$(BASELINE=$b boot_image "$obj")
-	[ -x "$obj/bench" ] || die "no bench binary in $obj: run 'make bench' (it builds it with BENCH=1 scripts/selftests-build.sh)"
+	[ -x "$(selftests_dir "$obj")/bench" ] || die "no bench binary in $(selftests_dir "$obj"): run 'make bench' (it builds it with BENCH=1 scripts/selftests-build.sh)"
 done
 choose_accel "${images[0]}"
 
@@ -59,7 +59,7 @@ for n in $cpus; do
 		mkdir -p "$out"
 		kmods=$(find "$obj/lsdefer-kmod" -name '*.ko' 2>/dev/null | sort | tr '\n' ' ')
 		cat >"$out/bench.env" <<-ENV
-			BENCH_DIR=$obj
+			BENCH_DIR=$(selftests_dir "$obj")
 			BENCH_RUNS=$runs
 			BENCH_DURATION=${BENCH_DURATION:-5}
 			BENCH_WARMUP=${BENCH_WARMUP:-1}

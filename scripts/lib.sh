@@ -209,6 +209,17 @@ build_dir() {
 	echo "$(tree_dir)/$BUILD_SUBDIR-$ARCH${SANITIZE:+-$SANITIZE}"
 }
 
+# selftests_dir [OBJ]: the BPF selftests' output (their OUTPUT=; O= stays
+# the build dir, for the vmlinux, autoconf.h and test_kmods): a subdirectory
+# of the build dir OBJ (default: this run's).
+# Not the build dir itself: progs/*.c include "../../../include/linux/filter.h",
+# which they mean to find through -I. (tools/include), and which through
+# -I$(OUTPUT)/tools/include would resolve to the kernel's own header in the
+# tree, the build dir's parent.
+selftests_dir() {
+	echo "${1:-$(build_dir)}/selftests"
+}
+
 kernel_version() {
 	make -s -C "$1" kernelversion 2>/dev/null
 }
@@ -220,16 +231,17 @@ vm_cpus() {
 	echo "$cpus"
 }
 
-# write_guest_env OUT OBJ: when the selftests are built in OBJ (and not
-# SELFTESTS=0), write OUT/guest.env for scripts/guest/run-tests.sh: the
-# local-storage tests and ours (TESTS= replaces the list), test_maps' test,
-# our test modules. Says what it chose.
+# write_guest_env OUT OBJ: when the selftests are built for the build dir
+# OBJ (and not SELFTESTS=0), write OUT/guest.env for
+# scripts/guest/run-tests.sh: the local-storage tests and ours (TESTS=
+# replaces the list), test_maps' test, our test modules. Says what it chose.
 write_guest_env() {
-	local out=$1 obj=$2 allow kmods maps
+	local out=$1 obj=$2 st allow kmods maps
 	local -a lists=("$REPO/selftests/local-storage.tests" "$REPO/selftests/lsdefer.tests")
 	[ "${SELFTESTS:-1}" != 0 ] || return 0
-	if [ ! -x "$obj/test_progs" ]; then
-		info "selftests not built ($obj/test_progs missing): KUnit only"
+	st=$(selftests_dir "$obj")
+	if [ ! -x "$st/test_progs" ]; then
+		info "selftests not built ($st/test_progs missing): KUnit only"
 		return 0
 	fi
 	allow=${TESTS:-$(cat "${lists[@]}" 2>/dev/null | grep -v '^#' | grep . | paste -sd, -)}
@@ -241,7 +253,7 @@ write_guest_env() {
 		maps=${TEST_MAPS:-sk_storage_map}
 	fi
 	cat >"$out/guest.env" <<-ENV
-		SELFTESTS_DIR=$obj
+		SELFTESTS_DIR=$st
 		TEST_PROGS_ALLOW=$allow
 		TEST_MAPS=$maps
 		KMODS="$kmods"

@@ -34,7 +34,7 @@ mkdir -p "$out"
 # storage tests and ours (on the stock kernel too, where they show what it
 # refuses: make compare only counts a test that passes on stock and not on
 # ours); TESTS= replaces the list.
-# test_progs and its BPF objects are in the build dir (the selftests' O=).
+# test_progs and its BPF objects are in the build dir's selftests_dir.
 write_guest_env "$out" "$obj"
 # The kernel's console goes to vng's stderr (--verbose), into console.log with
 # the guest script's output: a guest that hangs leaves its boot log, KUnit's

@@ -3,12 +3,12 @@
 #
 # Build the BPF selftests (test_progs, test_maps and the test modules) for the
 # harness kernel, in the harness-owned tree (the selftests build writes into
-# its source directory), against the build dir's vmlinux BTF. clang/llvm-19,
-# static link. Incremental; takes the same lock as the kernel build. KDIR is
+# its source directory), against the build dir's vmlinux BTF, into
+# lib.sh's selftests_dir (OUTPUT=). clang/llvm-19, static link. Incremental; takes the same lock as the kernel build. KDIR is
 # unset for it: test_kmods/Makefile has its own KDIR (our tree, via O=).
 # Our own test module (top-level Kbuild) is built with M=<repo> MO=<dir>.
 # BENCH=1 (make bench) also builds the bench binary (benchs/, ours
-# registered by selftests/fixups/0003-*), into the same O= dir.
+# registered by selftests/fixups/0003-*), into the same OUTPUT= dir.
 #
 # ARCH=arm64: cross-built (ARCH=arm64 CROSS_COMPILE=aarch64-linux-gnu-),
 # test_progs and test_maps static, against the arm64 sysroot of
@@ -25,6 +25,7 @@ set -euo pipefail
 
 tree=$(tree_dir)
 obj=$(build_dir)
+stout=$(selftests_dir)
 st=$tree/tools/testing/selftests/bpf
 [ -f "$obj/vmlinux" ] || die "no vmlinux in $obj: build the kernel first"
 mapfile -t mk < <(kmake_vars)
@@ -35,7 +36,7 @@ log=$obj/selftests-build.log
 # Bookworm's clang-19 predates the default of newer clangs; libarena's BPF
 # objects use v4 instructions, so build them with -mcpu=v4 explicitly.
 stvars=(
-	O="$obj" VMLINUX_BTF="$obj/vmlinux"
+	O="$obj" OUTPUT="$stout" VMLINUX_BTF="$obj/vmlinux"
 	CLANG="clang-$LLVM_VER" LLC="llc-$LLVM_VER" LLVM_STRIP="llvm-strip-$LLVM_VER"
 	LLVM_CONFIG="llvm-config-$LLVM_VER"
 	SKIP_DOCS=1 SKIP_LLVM=1 SKIP_LIBBFD=1
@@ -69,10 +70,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$obj" ]; then
 	info "test_kmods last built for another kernel: cleaning them"
 	find "$st/test_kmods" -maxdepth 1 -type f \
 		! -name '*.c' ! -name '*.h' ! -name Makefile -delete
-	rm -f "$obj"/bpf_test*.ko
+	rm -f "$stout"/bpf_test*.ko
 fi
 
-info "building BPF selftests in $st (log: $log)"
+mkdir -p "$stout"
+info "building BPF selftests in $st into $stout (log: $log)"
 start=$(date +%s)
 rc=0
 env -u KDIR make -C "$st" "${stvars[@]}" -j"${JOBS:-$(nproc)}" test_progs test_maps >"$log" 2>&1 || rc=$?
@@ -84,8 +86,8 @@ fi
 printf '%s\n' "$obj" >"$stamp"
 if [ "$ARCH" = arm64 ]; then
 	for b in test_progs test_maps; do
-		file -b "$obj/$b" | grep -q 'ARM aarch64.*statically linked' ||
-			die "$obj/$b is not a static arm64 executable: $(file -b "$obj/$b")"
+		file -b "$stout/$b" | grep -q 'ARM aarch64.*statically linked' ||
+			die "$stout/$b is not a static arm64 executable: $(file -b "$stout/$b")"
 	done
 fi
 
@@ -94,7 +96,7 @@ if [ "${BENCH:-0}" = 1 ]; then
 	info "building the bench binary (log: $log)"
 	rc=0
 	env -u KDIR make -C "$st" "${stvars[@]}" -j"${JOBS:-$(nproc)}" bench >>"$log" 2>&1 || rc=$?
-	if [ "$rc" != 0 ] || [ ! -x "$obj/bench" ]; then
+	if [ "$rc" != 0 ] || [ ! -x "$stout/bench" ]; then
 		grep -E 'error|Error|SKIP-' "$log" | tail -30 >&2 || true
 		die "bench build failed (exit $rc); full log: $log"
 	fi
