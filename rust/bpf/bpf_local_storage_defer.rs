@@ -920,6 +920,9 @@ type AtomicLongCounter = i64;
 #[cfg(not(CONFIG_64BIT))]
 type AtomicLongCounter = i32;
 
+/// Whether [`Selem::free`] has warned about a map's count below zero.
+static MAP_COUNT_WARNED: Atomic<bool> = Atomic::new(false);
+
 /// The count of `smap`'s elements that the engine holds (`smap->deferred`).
 ///
 /// # Safety
@@ -963,8 +966,10 @@ impl DeferFree for Selem {
             // drop (see "Map free" in the module documentation). Nothing touches the map after.
             let before = deferred.fetch_sub(1, Full);
             // More frees than queueings of this map: its count is broken, and its free waits
-            // for ever (rather than free the map under elements it no longer counts).
-            warn_on!(before <= 0);
+            // for ever (rather than free the map under elements it no longer counts). Once:
+            // every later free of such a map would warn again, and a console flooded with
+            // warnings stalls the machine rather than report the bug.
+            warn_on!(before <= 0 && !MAP_COUNT_WARNED.xchg(true, Relaxed));
             if before == 1 {
                 // SAFETY: wake_up_var() only hashes the address, which may be freed by now.
                 unsafe { bindings::wake_up_var((&raw const *deferred).cast_mut().cast()) };
