@@ -416,8 +416,11 @@ void serial_test_ls_defer_map_free(void)
 			ls_unpin();
 		}
 
-		if (!ASSERT_TRUE(ls_wait_refcnt(refcnt, 30000), "the round's maps freed"))
+		if (!ASSERT_TRUE(ls_wait_refcnt(refcnt, ls_map_free_stuck ? 2000 : 30000),
+				 "the round's maps freed")) {
+			ls_map_free_stuck = true;
 			goto out;
+		}
 		if (!ls_check_freed(&ck, "every object destroyed by the time its map is freed") ||
 		    !ls_check_storages_freed(&ck)) {
 			printf("%s: round %d\n", __func__, round);
