@@ -16,7 +16,7 @@
 #   BENCH_PROFILE   extended regex: after its measured runs, each matching
 #                   workload runs once more under perf (cpu-clock sampling,
 #                   all CPUs: TCG has no PMU); the flat profile by symbol in
-#                   OUTDIR/perf/<workload>.txt, the data next to it
+#                   OUTDIR/perf/<workload>.txt
 # Lines: {"kernel","cpus","workload","bench","args","run","ok","rc","log",
 # "metrics"}; metrics are the bench's own JSON line for the ls-defer-*
 # benchmarks, {"ops_per_sec": ...} parsed from the Summary line for the
@@ -136,7 +136,8 @@ metrics() {
 # profile ID BARGS: one more run of workload ID under perf, not counted; its
 # flat profile (symbols above 0.2% of the samples) in perf/ID.txt
 profile() {
-	local id=$1 bargs=$2 data=$out/perf/$1.data rc=0
+	# perf record writes into the guest's /tmp: on the 9p share it fails
+	local id=$1 bargs=$2 data=/tmp/perf-$1.data rc=0
 	mkdir -p "$out/perf"
 	echo 0 >/proc/sys/kernel/kptr_restrict
 	# shellcheck disable=SC2086 # bargs is a word list
@@ -150,6 +151,7 @@ profile() {
 	fi
 	perf report -i "$data" --stdio --no-children --sort sym --percent-limit 0.2 \
 		>"$out/perf/$id.txt" 2>>"$out/perf/$id.log"
+	rm -f "$data"
 	echo "==> guest: $id: profiled, $(grep -m1 -o '[0-9]* samples' "$out/perf/$id.txt" || echo '? samples') in perf/$id.txt"
 }
 
