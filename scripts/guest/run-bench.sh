@@ -152,7 +152,7 @@ profile() {
 	perf report -i "$data" --stdio --no-children --sort sym --percent-limit 0.2 \
 		>"$out/perf/$id.txt" 2>>"$out/perf/$id.log"
 	rm -f "$data"
-	echo "==> guest: $id: profiled, $(grep -m1 -o '[0-9]* samples' "$out/perf/$id.txt" || echo '? samples') in perf/$id.txt"
+	echo "==> guest: $id: profiled ($(sed -n 's/^# Samples: \([^ ]*\) of event.*/\1 samples/p' "$out/perf/$id.txt")) in perf/$id.txt"
 }
 
 start=$(date +%s)
