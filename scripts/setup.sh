@@ -86,24 +86,17 @@ apt_update_once() {
 }
 
 # install_pinned_debs: HOST_DEBS (lib.sh), each "name version sha256":
-# apt-get download of exactly that version, the file's sha256 checked, then
-# apt-get install of that file (its dependencies from bookworm).
+# exactly that version downloaded and checked (download_deb), then apt-get
+# install of that file (its dependencies from bookworm).
 install_pinned_debs() {
-	local entry name ver sum have deb dl=$CACHE/dl
+	local entry name ver sum have arch deb
 	for entry in "${HOST_DEBS[@]}"; do
 		read -r name ver sum <<<"$entry"
 		have=$(dpkg-query -W -f='${Status} ${Version}' "$name" 2>/dev/null || true)
 		[ "$have" != "install ok installed $ver" ] || continue
-		deb=$dl/$(echo "${name}_${ver}_$(dpkg --print-architecture).deb" | sed 's/:/%3a/')
-		mkdir -p "$dl"
-		if [ ! -f "$deb" ]; then
-			apt_update_once
-			info "downloading $name=$ver"
-			(cd "$dl" && apt-get download -q "$name=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
-				die "apt-get download $name=$ver failed (a point release may have replaced $ver: update HOST_DEBS in scripts/lib.sh)"
-			[ -f "$deb" ] || die "apt-get download $name=$ver did not leave $deb"
-		fi
-		echo "$sum  $deb" | sha256sum -c --quiet - || die "checksum mismatch for $deb (want $sum)"
+		arch=$(dpkg --print-architecture)
+		download_deb "$name" "$ver" "$sum" "$arch"
+		deb=$(deb_path "$name" "$ver" "$arch")
 		info "installing $name=$ver"
 		$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$deb" ||
 			die "apt-get install of $deb failed"
@@ -155,37 +148,49 @@ apt_arm64_update_once() {
 	APT_ARM64_UPDATED=1
 }
 
-# fetch_deb NAME VERSION SHA256 DESTDIR [ARCH]: apt-get download + checksum +
-# dpkg -x into DESTDIR (ARCH: all, default, or arm64). DESTDIR/.done marks a
-# complete unpack; several packages may share a DESTDIR (NAME.done each).
+# deb_path NAME VERSION ARCH: where download_deb leaves that package.
+deb_path() {
+	echo "$CACHE/dl/$(echo "${1}_${2}_$3.deb" | sed 's/:/%3a/')"
+}
+
+# download_deb NAME VERSION SHA256 ARCH: apt-get download of exactly that
+# version (ARCH: all or the host's from the host's suites, arm64 from
+# bookworm's) to deb_path, unless there already, then its sha256 checked.
+download_deb() {
+	local name=$1 ver=$2 sum=$3 arch=$4 dl=$CACHE/dl deb
+	mkdir -p "$dl"
+	deb=$(deb_path "$name" "$ver" "$arch")
+	if [ ! -f "$deb" ]; then
+		info "downloading $name=$ver ($arch)"
+		if [ "$arch" = arm64 ]; then
+			apt_arm64_update_once
+			(cd "$dl" && apt_arm64 download -q "$name:$arch=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
+				die "apt-get download $name:$arch=$ver failed (bookworm $arch; a point release may have replaced $ver: update the pin in scripts/lib.sh)"
+		else
+			apt_update_once
+			(cd "$dl" && apt-get download -q "$name=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
+				die "apt-get download $name=$ver failed (is its suite reachable? a point release may have replaced $ver: update the pin in scripts/lib.sh)"
+		fi
+		[ -f "$deb" ] || die "apt-get download $name=$ver ($arch) did not leave $deb"
+	fi
+	echo "$sum  $deb" | sha256sum -c --quiet - || die "checksum mismatch for $deb (want $sum)"
+}
+
+# fetch_deb NAME VERSION SHA256 DESTDIR [ARCH]: download_deb + dpkg -x into
+# DESTDIR (ARCH: all, default, or arm64). DESTDIR/.done marks a complete
+# unpack; several packages may share a DESTDIR (NAME.done each).
 fetch_deb() {
-	local name=$1 ver=$2 sum=$3 dest=$4 arch=${5:-all} dl deb stamp
+	local name=$1 ver=$2 sum=$3 dest=$4 arch=${5:-all} deb stamp
 	stamp=$dest/.done
 	[ "$arch" = all ] || stamp=$dest/.$name.done
 	[ -f "$stamp" ] && return 0
-	dl=$CACHE/dl
-	mkdir -p "$dl"
-	deb=$(echo "${name}_${ver}_$arch.deb" | sed 's/:/%3a/')
-	if [ ! -f "$dl/$deb" ]; then
-		info "downloading $name=$ver ($arch)"
-		if [ "$arch" = all ]; then
-			apt_update_once
-			(cd "$dl" && apt-get download -q "$name=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
-				die "apt-get download $name=$ver failed (is trixie-backports reachable?)"
-		else
-			apt_arm64_update_once
-			(cd "$dl" && apt_arm64 download -q "$name:$arch=$ver" 2>&1 | grep -v '^W: Download is performed unsandboxed') ||
-				die "apt-get download $name:$arch=$ver failed (bookworm $arch; a point release may have replaced $ver: update ARM64_DEBS in scripts/lib.sh)"
-		fi
-		[ -f "$dl/$deb" ] || die "apt-get download $name=$ver ($arch) did not leave $dl/$deb"
-	fi
-	echo "$sum  $dl/$deb" | sha256sum -c --quiet - ||
-		die "checksum mismatch for $deb (want $sum)"
+	download_deb "$name" "$ver" "$sum" "$arch"
+	deb=$(deb_path "$name" "$ver" "$arch")
 	if [ "$arch" = all ]; then
 		rm -rf "$dest"
 	fi
 	mkdir -p "$dest"
-	dpkg -x "$dl/$deb" "$dest"
+	dpkg -x "$deb" "$dest"
 	touch "$stamp"
 }
 
