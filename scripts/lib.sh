@@ -234,9 +234,11 @@ vm_cpus() {
 # write_guest_env OUT OBJ: when the selftests are built for the build dir
 # OBJ (and not SELFTESTS=0), write OUT/guest.env for
 # scripts/guest/run-tests.sh: the local-storage tests and ours (TESTS=
-# replaces the list), test_maps' test, our test modules. Says what it chose.
+# replaces the list), test_maps' test, our test modules, and the uptime at
+# which a test still running is reported as hung with the kernel's blocked
+# tasks (a minute before vm_run cuts the guest). Says what it chose.
 write_guest_env() {
-	local out=$1 obj=$2 st allow kmods maps
+	local out=$1 obj=$2 st allow kmods maps timeout=${VM_TIMEOUT:-1200} hang_at
 	local -a lists=("$REPO/selftests/local-storage.tests" "$REPO/selftests/lsdefer.tests")
 	[ "${SELFTESTS:-1}" != 0 ] || return 0
 	st=$(selftests_dir "$obj")
@@ -252,17 +254,29 @@ write_guest_env() {
 	else
 		maps=${TEST_MAPS:-sk_storage_map}
 	fi
+	[[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "VM_TIMEOUT=$timeout is not a number of seconds"
+	hang_at=$((timeout > 120 ? timeout - 60 : timeout / 2))
 	cat >"$out/guest.env" <<-ENV
 		SELFTESTS_DIR=$st
 		TEST_PROGS_ALLOW=$allow
 		TEST_MAPS=$maps
 		KMODS="$kmods"
+		HANG_AT=$hang_at
 	ENV
 	info "selftests: test_progs -a $allow${kmods:+ (modules: $kmods)}"
 }
 
-# last_kernel_lines OUT: a guest that did not finish: where it stood.
+# last_kernel_lines OUT: a guest that did not finish: where it stood. When
+# the guest reported a hang (run-tests.sh), the blocked tasks it dumped.
 last_kernel_lines() {
+	local hang
+	hang=$(grep -m1 -n '^==> guest: hang: ' "$1/console.log" | cut -d: -f1 || true)
+	if [ -n "$hang" ]; then
+		echo "the guest reported a hang; blocked tasks in $1/console.log:" >&2
+		tail -n +"$hang" "$1/console.log" | grep -E '^(==>|\[ *[0-9]+\.[0-9]+\])' |
+			head -n 80 | sed 's/^/    /' >&2 || true
+		return 0
+	fi
 	echo "last kernel lines of $1/console.log:" >&2
 	grep -E '^\[ *[0-9]+\.[0-9]+\]' "$1/console.log" | tail -n 25 | sed 's/^/    /' >&2 || true
 }

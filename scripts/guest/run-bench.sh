@@ -133,6 +133,17 @@ metrics() {
 	fi
 }
 
+# bench_run LOG BARGS [CMD...]: ./bench BARGS with the warmup and duration,
+# under CMD if given (perf record ... --), bounded in time, its output into
+# LOG; returns its exit status.
+bench_run() {
+	local log=$1 bargs=$2
+	shift 2
+	# shellcheck disable=SC2086 # bargs is a word list
+	(cd "$BENCH_DIR" && timeout -k 10 $((BENCH_WARMUP + BENCH_DURATION + 120)) \
+		"$@" ./bench -w"$BENCH_WARMUP" -d"$BENCH_DURATION" $bargs) >"$log" 2>&1
+}
+
 # profile ID BARGS: one more run of workload ID under perf, not counted; its
 # flat profile (symbols above 0.2% of the samples) in perf/ID.txt
 profile() {
@@ -140,10 +151,8 @@ profile() {
 	local id=$1 bargs=$2 data=/tmp/perf-$1.data rc=0
 	mkdir -p "$out/perf"
 	echo 0 >/proc/sys/kernel/kptr_restrict
-	# shellcheck disable=SC2086 # bargs is a word list
-	(cd "$BENCH_DIR" && timeout -k 10 $((BENCH_WARMUP + BENCH_DURATION + 120)) \
-		perf record -q -e cpu-clock -F 999 -a -o "$data" -- \
-		./bench -w"$BENCH_WARMUP" -d"$BENCH_DURATION" $bargs) >"$out/perf/$id.log" 2>&1 || rc=$?
+	bench_run "$out/perf/$id.log" "$bargs" perf record -q -e cpu-clock -F 999 -a -o "$data" -- ||
+		rc=$?
 	if [ "$rc" != 0 ]; then
 		echo "==> guest: $id: profiled run FAILED (exit $rc): $(tail -n 1 "$out/perf/$id.log")"
 		failed=$((failed + 1))
@@ -169,9 +178,7 @@ for w in "${workloads[@]}"; do
 		log=logs/$id.$run.log
 		before=$(engine_totals)
 		rc=0
-		# shellcheck disable=SC2086 # bargs is a word list
-		(cd "$BENCH_DIR" && timeout -k 10 $((BENCH_WARMUP + BENCH_DURATION + 120)) \
-			./bench -w"$BENCH_WARMUP" -d"$BENCH_DURATION" $bargs) >"$out/$log" 2>&1 || rc=$?
+		bench_run "$out/$log" "$bargs" || rc=$?
 		after=$(engine_totals)
 		m=$(metrics "$out/$log")
 		ok=true

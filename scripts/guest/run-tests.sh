@@ -12,17 +12,52 @@
 #     harness's fixup), all: every map test, 0: none.
 # The kernel log is saved last (OUTDIR/dmesg.txt), so splats from the
 # selftests are in it; OUTDIR/guest-done tells the host the script finished.
+# A test program still running when the kernel's uptime reaches HANG_AT
+# seconds (guest.env; the host sets it short of its own timeout) is reported:
+# a "==> guest: hang" line, then the kernel's list of blocked tasks and of
+# held locks (sysrq w, d) on the console, which the host keeps when it cuts
+# the guest.
 #
 # Usage: run-tests.sh OUTDIR
 set -euo pipefail
 out=${1:?usage: run-tests.sh OUTDIR}
-SELFTESTS_DIR='' TEST_PROGS_ALLOW='' TEST_MAPS=0 KMODS=''
+SELFTESTS_DIR='' TEST_PROGS_ALLOW='' TEST_MAPS=0 KMODS='' HANG_AT=0
 # shellcheck disable=SC1091
 [ -f "$out/guest.env" ] && . "$out/guest.env"
 
 # busybox has no mountpoint(1)
 mounted() {
 	grep -q "^[^ ]* $1 " /proc/mounts
+}
+
+# bounded LOG CMD...: runs CMD in the background, its output into LOG, and
+# waits for it; if it still runs at uptime HANG_AT (0: no bound), says so and
+# dumps the blocked tasks and held locks into the kernel log. Returns CMD's
+# status.
+bounded() {
+	log=$1
+	shift
+	"$@" >"$log" 2>&1 &
+	pid=$!
+	watcher=''
+	if [ "$HANG_AT" -gt 0 ]; then
+		(
+			left=$((HANG_AT - $(cut -d. -f1 /proc/uptime)))
+			[ "$left" -le 0 ] || sleep "$left"
+			kill -0 "$pid" 2>/dev/null || exit 0
+			echo "==> guest: hang: $(basename "$log" .log) still running at uptime ${HANG_AT}s; blocked tasks and held locks follow (sysrq w, d)"
+			echo w >/proc/sysrq-trigger
+			echo d >/proc/sysrq-trigger
+		) &
+		watcher=$!
+	fi
+	brc=0
+	wait "$pid" || brc=$?
+	if [ -n "$watcher" ]; then
+		kill "$watcher" 2>/dev/null || true
+		wait "$watcher" 2>/dev/null || true
+	fi
+	return "$brc"
 }
 
 echo "==> guest: $(uname -r), $(nproc) CPUs"
@@ -53,8 +88,8 @@ if [ -n "$SELFTESTS_DIR" ]; then
 		start=$(date +%s)
 		rc=0
 		# -v: every test's own output is kept, passing ones too
-		./test_progs -v -a "$TEST_PROGS_ALLOW" -J "$out/test_progs.json" \
-			>"$out/test_progs.log" 2>&1 || rc=$?
+		bounded "$out/test_progs.log" ./test_progs -v -a "$TEST_PROGS_ALLOW" \
+			-J "$out/test_progs.json" || rc=$?
 		grep -E '^(#[0-9]|Summary)' "$out/test_progs.log" || true
 		echo "==> guest: test_progs exit $rc after $(($(date +%s) - start))s"
 	fi
@@ -63,9 +98,9 @@ if [ -n "$SELFTESTS_DIR" ]; then
 		start=$(date +%s)
 		rc=0
 		if [ "$TEST_MAPS" = all ]; then
-			./test_maps >"$out/test_maps.log" 2>&1 || rc=$?
+			bounded "$out/test_maps.log" ./test_maps || rc=$?
 		else
-			TEST_MAPS_ONLY=$TEST_MAPS ./test_maps >"$out/test_maps.log" 2>&1 || rc=$?
+			bounded "$out/test_maps.log" env TEST_MAPS_ONLY="$TEST_MAPS" ./test_maps || rc=$?
 		fi
 		echo "$rc" >"$out/test_maps.rc"
 		tail -n 3 "$out/test_maps.log"

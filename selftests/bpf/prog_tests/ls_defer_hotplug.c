@@ -52,6 +52,12 @@
  * created must have been destroyed exactly once, and every selem and storage
  * the test queued on the engine freed. Skipped without a CPU other than CPU 0
  * that can go offline, and on the stock kernel (no engine).
+ *
+ * map_free() runs with migration disabled (bpf_map_free()), and map free
+ * waits for its map's deferred selems: a map free stuck there (a broken
+ * engine) pins its worker to a CPU, and taking that CPU offline then waits
+ * for it forever, in sched_cpu_wait_empty(). So the test fails at once,
+ * without touching a CPU, when an earlier test saw its maps never freed.
  */
 #define _GNU_SOURCE
 #include <test_progs.h>
@@ -413,6 +419,9 @@ void serial_test_ls_defer_hotplug(void)
 		test__skip();
 		return;
 	}
+	if (!ASSERT_FALSE(ls_map_free_stuck,
+			  "no map free stuck (taking its CPU offline would wait for it forever)"))
+		return;
 	/* From here on, every exit path brings every toggled CPU back online */
 	if (!cpus_up(&h, "at the start"))
 		return;
