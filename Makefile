@@ -15,6 +15,8 @@
 #                  count), BENCH_RUNS (default 5) runs of every workload:
 #                  out/bench/{results.json,table.md,ratios.png} (hours)
 #   make bench-readme  the README's benchmark section from out/bench/raw
+#   make code-compare  the read path's machine code in ours against stock
+#                  (FUNCS="f ..." for others; both kernels built)
 #
 # Steps, each usable alone: setup tree config build selftests vm report
 #                           compare lint
@@ -38,7 +40,7 @@ S := scripts
 LIB := source $(S)/lib.sh
 
 .PHONY: help setup tree config build selftests vm report vmtest compare lint test clean \
-	seed-bugs mutants bench bench-readme
+	seed-bugs mutants bench bench-readme code-compare
 
 help:
 	@sed -n '3,27p' Makefile | sed 's/^# \{0,1\}//'
@@ -161,6 +163,9 @@ bench: setup
 bench-readme:
 	@$(LIB); "$$VNG_VENV/bin/python3" $(S)/bench.py --out out/bench --min-runs 5 \
 		--readme README.md --readme-chart docs/bench/ratios.png out/bench/raw/*/bench.jsonl
+
+code-compare:
+	@$(S)/code-compare.sh $(FUNCS)
 
 compare:
 	@$(LIB); extra=(); IFS=';' read -ra runs <<<"$(COMPARE_EXTRA)"; \
