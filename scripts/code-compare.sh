@@ -75,16 +75,16 @@ for f in "${funcs[@]}"; do
 		absent=$((absent + 1))
 		continue
 	fi
-	lo=$(listing "$ours" "$f")
-	ls=$(listing "$stock" "$f")
-	n=$(grep -c . <<<"$lo")
-	if [ "$lo" = "$ls" ]; then
+	ours_code=$(listing "$ours" "$f")
+	stock_code=$(listing "$stock" "$f")
+	n=$(grep -c . <<<"$ours_code")
+	if [ "$ours_code" = "$stock_code" ]; then
 		printf '  %-34s same %d instructions (ours at %s, stock at %s)\n' "$f" "$n" "$a" "$b"
 		same=$((same + 1))
 	else
 		printf '  %-34s DIFFERS (ours %d instructions at %s, stock %d at %s):\n' "$f" "$n" "$a" \
-			"$(grep -c . <<<"$ls")" "$b"
-		diff -U2 --label stock --label ours <(echo "$ls") <(echo "$lo") | tail -n +3 | sed 's/^/      /' || true
+			"$(grep -c . <<<"$stock_code")" "$b"
+		diff -U2 --label stock --label ours <(echo "$stock_code") <(echo "$ours_code") | tail -n +3 | sed 's/^/      /' || true
 		differ=$((differ + 1))
 	fi
 done
